@@ -1,0 +1,96 @@
+"""Model adapters: faithful CNN reimplementations and pretrained twins.
+
+Every adapter is reached through one function, :func:`load`, which returns
+``(model, preprocess)``: the model in eval mode, and the transform that turns a
+PIL image (or a ``uint8`` tensor) into the model's input tensor.
+
+This package knows nothing about hooks or interpretation; the engine in
+:mod:`interp` knows nothing about these models.
+
+Examples
+--------
+>>> import adapters
+>>> "lenet5" in adapters.names()
+True
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import torch
+
+__all__ = ["load", "names", "register"]
+
+# name -> "module:function". Imported lazily so that ``import adapters`` stays
+# cheap and an adapter with heavy optional dependencies costs nothing unless used.
+_BUILTIN: dict[str, str] = {
+    "lenet5": "adapters.lenet5:load",
+}
+_REGISTRY: dict[str, Callable] = {}
+
+# Prefixes handled by :mod:`adapters.hub` ("torchvision:resnet18", "timm:resnet18").
+_HUB_PREFIXES = ("torchvision:", "timm:")
+
+
+def register(name: str, target: str | Callable) -> None:
+    """Register an adapter under ``name``.
+
+    Parameters
+    ----------
+    name:
+        Public model name, e.g. ``"lenet5"``.
+    target:
+        A callable ``(weights=None, **kwargs) -> (model, preprocess)`` or a
+        ``"module:function"`` string resolved on first use.
+    """
+    if isinstance(target, str):
+        _BUILTIN[name] = target
+    else:
+        _REGISTRY[name] = target
+
+
+def names() -> list[str]:
+    """Names of all built-in adapters, sorted."""
+    return sorted(set(_BUILTIN) | set(_REGISTRY))
+
+
+def _resolve(name: str) -> Callable:
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name in _BUILTIN:
+        module, func = _BUILTIN[name].split(":")
+        return getattr(importlib.import_module(module), func)
+    import difflib
+
+    close = difflib.get_close_matches(name, names(), n=3, cutoff=0.4)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise ValueError(
+        f"unknown model {name!r}.{hint} Known: {', '.join(names())}; "
+        "or use 'torchvision:NAME', 'timm:NAME' or 'path/to/file.py:factory'."
+    )
+
+
+def load(name: str, weights: str | None = None, **kwargs) -> tuple[torch.nn.Module, Callable]:
+    """Load a model by name.
+
+    Parameters
+    ----------
+    name:
+        A built-in adapter (see :func:`names`), ``"torchvision:NAME"`` or
+        ``"timm:NAME"``.
+    weights:
+        Path to a checkpoint (``.pt``/``.pth`` loaded with ``weights_only=True``,
+        or ``.safetensors``). ``None`` means the adapter's default: the shipped
+        weights where the package has them, random initialisation otherwise.
+
+    Returns
+    -------
+    (model, preprocess)
+        The model in eval mode and its input transform.
+    """
+    if name.startswith(_HUB_PREFIXES):
+        from . import hub
+
+        return hub.load(name, weights=weights, **kwargs)
+    return _resolve(name)(weights=weights, **kwargs)

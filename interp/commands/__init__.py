@@ -1,0 +1,1 @@
+"""CLI verbs; see :mod:`interp.cli`."""
