@@ -1,0 +1,197 @@
+"""Project single activations back to pixel space.
+
+For each requested unit ``(n, c, y, x)`` of a layer's output we compute the
+derivative of that activation with respect to ``images[n]``, under the
+backward rule of the chosen method (see :mod:`interp.rules`).
+
+How: the images of a chunk of units are stacked, one row per unit (a unit's
+own copy of its image), the model runs forward under the rule mode only up to
+the layer, the selected activations are summed, and one backward pass yields
+every unit's projection at once. Rows are independent because the model runs
+in eval mode (BatchNorm uses running statistics), so the sum's gradient row
+``u`` is exactly unit ``u``'s own gradient.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ._state import HookSet, model_device, preserved
+from ._trace import trace
+from .layers import LayerRef, resolve_layer
+from .rules import METHODS, RuleMode
+
+
+class _Stop(Exception):
+    """Raised by a forward hook once the requested layer has produced its output."""
+
+
+def forward_to(model: nn.Module, ref: LayerRef, x: torch.Tensor) -> torch.Tensor:
+    """Run ``model`` on ``x`` only as far as ``ref`` and return that layer's output.
+
+    A module layer is reached with a forward hook that captures the output and
+    aborts the rest of the forward; a functional node with a truncated fx
+    graph that shares the model's modules and parameters.
+    """
+    if ref.traced:
+        return trace(model).truncated(ref.name)(x)
+    captured: list[torch.Tensor] = []
+
+    def hook(module, inputs, output):
+        captured.append(output)
+        raise _Stop
+
+    with HookSet() as hooks:
+        hooks.forward(ref.module, hook)
+        try:
+            model(x)
+        except _Stop:
+            pass
+    if not captured:
+        raise ValueError(f"layer {ref.name!r} was not called by the model's forward pass")
+    out = captured[0]
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"layer {ref.name!r} returns {type(out).__name__}, not a tensor")
+    return out
+
+
+def _check_images(images: object) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor):
+        raise ValueError(f"images must be a torch.Tensor of shape (N, C, H, W), got {type(images).__name__}")
+    if images.dim() != 4:
+        raise ValueError(
+            f"images must have shape (N, C, H, W), got {tuple(images.shape)}; "
+            "add a batch dimension with images.unsqueeze(0)"
+        )
+    if not images.is_floating_point():
+        raise ValueError(
+            f"images must be a floating-point tensor, got {images.dtype}; "
+            "apply the model's preprocessing (e.g. convert uint8 with .float() / 255 and normalise)"
+        )
+    if images.shape[0] == 0:
+        raise ValueError("images is empty (N = 0)")
+    return images
+
+
+def _check_units(units: object, n_images: int) -> torch.Tensor:
+    try:
+        t = torch.as_tensor(units, dtype=torch.long)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"units must be a sequence of (n, c, y, x) integer tuples: {exc}") from exc
+    if t.numel() == 0:
+        raise ValueError("units is empty: pass at least one (n, c, y, x) tuple")
+    if t.dim() == 1 and t.numel() == 4:
+        t = t[None]
+    if t.dim() != 2 or t.shape[1] != 4:
+        raise ValueError(f"units must be (n, c, y, x) tuples, got an array of shape {tuple(t.shape)}")
+    bad = (t[:, 0] < 0) | (t[:, 0] >= n_images)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"unit {i} {tuple(t[i].tolist())}: image index out of range for {n_images} image(s)")
+    return t
+
+
+def _check_against_output(units: torch.Tensor, out: torch.Tensor, layer: str) -> None:
+    if out.dim() != 4:
+        raise ValueError(
+            f"layer {layer!r} outputs shape {tuple(out.shape[1:])} per image; project needs a "
+            "(C, H, W) feature map (a conv-like layer)"
+        )
+    _, c, h, w = out.shape
+    for axis, size, what in ((1, c, "channel"), (2, h, "row"), (3, w, "column")):
+        bad = (units[:, axis] < 0) | (units[:, axis] >= size)
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            raise ValueError(
+                f"unit {i} {tuple(units[i].tolist())}: {what} out of range; layer {layer!r} "
+                f"outputs {c} channels x {h} x {w}"
+            )
+
+
+def project(
+    model: nn.Module,
+    images: torch.Tensor,
+    layer: str,
+    units: Sequence[Sequence[int]] | torch.Tensor,
+    method: str = "guided",
+    batch_size: int | None = None,
+) -> torch.Tensor:
+    """Project activations of ``layer`` back to pixel space.
+
+    Parameters
+    ----------
+    model:
+        Any ``torch.nn.Module``. It is run in eval mode and left exactly as it
+        was (modules' training flags, no hooks, parameters and their ``.grad``
+        untouched), also when this function raises.
+    images:
+        Float tensor ``(N, C, H, W)``, already preprocessed for the model. Not
+        modified.
+    layer:
+        A name from :func:`interp.layers` (module path, functional node,
+        ``model.layer_aliases`` key or ``convN``).
+    units:
+        Sequence of ``(n, c, y, x)``: image index into ``images``, channel, row
+        and column of the output of ``layer``.
+    method:
+        ``"guided"`` (Springenberg et al. 2015), ``"deconvnet"`` (Zeiler &
+        Fergus 2014) or ``"gradient"`` (plain autograd). See
+        :mod:`interp.rules` for the exact rules.
+    batch_size:
+        Units per forward/backward pass (memory knob); default 16.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(len(units), C, H, W)``, on ``images``' device: row ``u`` is
+        d activation(u) / d images[n_u] under the method's rule.
+
+    Examples
+    --------
+    >>> import torch, torchvision, interp
+    >>> model = torchvision.models.resnet18().eval()
+    >>> x = torch.randn(2, 3, 64, 64)
+    >>> interp.project(model, x, "layer1.0.conv1", [(0, 5, 3, 4), (1, 0, 8, 8)]).shape
+    torch.Size([2, 3, 64, 64])
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if method not in METHODS:
+        close = difflib.get_close_matches(str(method), METHODS, n=1)
+        raise ValueError(
+            f"unknown method {method!r}; choose one of {', '.join(METHODS)}"
+            + (f" (did you mean {close[0]!r}?)" if close else "")
+        )
+    images = _check_images(images)
+    units_t = _check_units(units, images.shape[0])
+    if batch_size is None:
+        batch_size = 16
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+    device = model_device(model, images.device)
+    result = torch.empty((len(units_t),) + tuple(images.shape[1:]), dtype=images.dtype, device=images.device)
+    with preserved(model, eval_mode=True):
+        ref = resolve_layer(model, layer)
+        for start in range(0, len(units_t), batch_size):
+            chunk = units_t[start : start + batch_size]
+            leaf = images.detach()[chunk[:, 0].to(images.device)].to(device).requires_grad_(True)
+            mode = RuleMode(method) if method != "gradient" else contextlib.nullcontext()
+            with torch.enable_grad(), mode:
+                # clone: an in-place op at the model's very first step must not
+                # touch the leaf we differentiate against.
+                out = forward_to(model, ref, leaf.clone())
+            if start == 0:
+                _check_against_output(units_t, out, ref.name)
+            rows = torch.arange(len(chunk), device=out.device)
+            c, y, x = (chunk[:, i].to(out.device) for i in (1, 2, 3))
+            selected = out[rows, c, y, x]
+            if not selected.requires_grad:
+                raise ValueError(f"layer {ref.name!r} output does not depend on the input images")
+            (grad,) = torch.autograd.grad(selected.sum(), leaf)
+            result[start : start + len(chunk)] = grad.to(images.device)
+    return result
