@@ -49,3 +49,39 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def load_checkpoint(path: str | os.PathLike, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read a whole training checkpoint (``weights_only=True``) and check its keys.
+
+    Parameters
+    ----------
+    path:
+        A ``.pt`` file written by :func:`atomic_save`.
+    required:
+        Keys the checkpoint must hold.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    ValueError
+        If the file is truncated, corrupt, not a torch file, or lacks a required key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated / corrupt / not a torch file / unsafe pickle
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise ValueError(
+            f"cannot read checkpoint {path} (corrupt or not a training checkpoint: {reason}); "
+            "delete it to start afresh"
+        ) from exc
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} is not a training checkpoint (holds {type(obj).__name__}, not a dict)")
+    missing = [k for k in required if k not in obj]
+    if missing:
+        raise ValueError(f"{path} is not a training checkpoint: missing {', '.join(missing)}")
+    return obj

@@ -1,0 +1,710 @@
+"""LeNet-5 (LeCun, Bottou, Bengio & Haffner, 1998), faithful to the paper.
+
+Input is a 32x32 greyscale digit: an MNIST image padded by 2 pixels on every
+side, so that stroke ends and corners can reach the centre of the receptive
+fields of the highest-level feature detectors (section II.B of the paper).
+
+Architecture (``print(LeNet5())``)::
+
+    LeNet5(
+      (conv1): Conv2d(1, 6, kernel_size=(5, 5), stride=(1, 1))
+      (tanh1): Tanh(a=1.7159, s=0.6667)
+      (pool1): AvgPool2d(kernel_size=2, stride=2)
+      (tanh2): Tanh(a=1.7159, s=0.6667)
+      (conv2): Conv2d(6, 16, kernel_size=(5, 5), stride=(1, 1))
+      (tanh3): Tanh(a=1.7159, s=0.6667)
+      (pool2): AvgPool2d(kernel_size=2, stride=2)
+      (tanh4): Tanh(a=1.7159, s=0.6667)
+      (conv3): Conv2d(16, 120, kernel_size=(5, 5), stride=(1, 1))
+      (tanh5): Tanh(a=1.7159, s=0.6667)
+      (linear): Linear(in_features=120, out_features=84, bias=True)
+      (tanh6): Tanh(a=1.7159, s=0.6667)
+      (rbf): RBFOutputLayer()
+    )
+
+Shapes: 1x32x32 -> conv1 6x28x28 -> pool1 6x14x14 -> conv2 16x10x10 -> pool2
+16x5x5 -> conv3 120x1x1 -> linear 84 -> rbf 10.
+
+Parameter count
+---------------
+The default model has **60,856** trainable parameters::
+
+    conv1   6*1*5*5 + 6      =    156
+    conv2  16*6*5*5 + 16     =  2,416   (full connection)
+    conv3 120*16*5*5 + 120   = 48,120
+    linear 84*120 + 84       = 10,164
+    rbf    0                   (fixed prototypes: a buffer, not trained)
+
+With the paper's options ``c3_table=True`` (60 of the 96 C3 connections:
+60*25 + 16 = 1,516 effective conv2 parameters) and ``trainable_pool=True``
+(one coefficient and one bias per subsampling map: 12 + 32) the effective
+count is exactly the paper's **60,000**; :func:`count_parameters` counts
+effective parameters (masked C3 weights excluded).
+
+Outputs and prediction
+----------------------
+The ``rbf`` layer outputs one *penalty* per class, the squared Euclidean
+distance between the 84-unit F6 code and the class prototype. Smaller means
+more likely: the predicted class is the **argmin** (:func:`predict`,
+:meth:`LeNet5.scores_to_pred`). Train with :func:`lecun_loss`.
+
+Prototypes
+----------
+The ten prototypes are the paper's choice: stylised 7x12 bitmaps of the
+digits (Fig. 3 of the paper), drawn here by hand, +1 for ink and -1 for
+background, flattened row by row to 84 values. They are a fixed buffer and
+never trained, so the F6 code of a digit is pulled towards a picture of that
+digit; the least-separated pair still differs in
+:data:`MIN_PROTOTYPE_HAMMING` of 84 positions.
+
+Normalisation
+-------------
+:func:`preprocess` follows the paper: pixel values are scaled linearly so that
+the white background is -0.1 and full ink is 1.175 (``x/255 * 1.275 - 0.1``),
+which makes the MNIST input roughly zero-mean and unit-variance; the 2-pixel
+padding uses the background value.
+
+Examples
+--------
+>>> model, preprocess = load()            # shipped weights, eval mode
+>>> x = preprocess(image).unsqueeze(0)    # 1x1x32x32
+>>> predict(model, x)                     # tensor([7])
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "LeNet5",
+    "ScaledTanh",
+    "AvgPool2d",
+    "TrainablePool2d",
+    "C3Conv2d",
+    "RBFOutputLayer",
+    "C3_TABLE",
+    "PROTOTYPE_BITMAPS",
+    "MIN_PROTOTYPE_HAMMING",
+    "BACKGROUND",
+    "FOREGROUND",
+    "DEFAULT_WEIGHTS",
+    "count_parameters",
+    "lecun_loss",
+    "predict",
+    "penalties_to_scores",
+    "to_input",
+    "preprocess",
+    "load",
+    "recipe",
+    "training_setup",
+]
+
+# Value of white background / full ink after preprocessing (paper, section II.A).
+BACKGROUND: float = -0.1
+FOREGROUND: float = 1.175
+
+# J of the MAP criterion (paper, eq. 9).
+LOSS_J: float = 5.0
+
+DEFAULT_WEIGHTS: Path = Path(__file__).with_name("weights") / "lenet5.safetensors"
+
+# Table I of the paper: which S2 maps (rows) feed which C3 maps (columns).
+# C3 maps 0-5 see 3 contiguous S2 maps, 6-11 see 4 contiguous maps, 12-14 see
+# 4 non-contiguous maps and 15 sees all 6: 18 + 24 + 12 + 6 = 60 connections.
+# The paper breaks symmetry this way so that different C3 maps are forced to
+# extract different (complementary) features.
+C3_TABLE: tuple[tuple[int, ...], ...] = (
+    (0, 1, 2), (1, 2, 3), (2, 3, 4), (3, 4, 5), (4, 5, 0), (5, 0, 1),
+    (0, 1, 2, 3), (1, 2, 3, 4), (2, 3, 4, 5), (3, 4, 5, 0), (4, 5, 0, 1), (5, 0, 1, 2),
+    (0, 1, 3, 4), (1, 2, 4, 5), (0, 2, 3, 5),
+    (0, 1, 2, 3, 4, 5),
+)
+
+# Stylised 7 (wide) x 12 (tall) digit bitmaps for the RBF prototypes ('#' = +1,
+# '.' = -1). Drawn after Fig. 3 of the paper: a two-pixel-thick stroke in a
+# frame that leaves the top and bottom rows as margin.
+PROTOTYPE_BITMAPS: tuple[tuple[str, ...], ...] = (
+    (  # 0
+        ".......",
+        "..###..",
+        ".##.##.",
+        "##...##",
+        "##...##",
+        "##...##",
+        "##...##",
+        "##...##",
+        "##...##",
+        ".##.##.",
+        "..###..",
+        ".......",
+    ),
+    (  # 1
+        ".......",
+        "...##..",
+        "..###..",
+        ".####..",
+        "...##..",
+        "...##..",
+        "...##..",
+        "...##..",
+        "...##..",
+        "...##..",
+        ".######",
+        ".......",
+    ),
+    (  # 2
+        ".......",
+        ".#####.",
+        "##...##",
+        ".....##",
+        ".....##",
+        "....##.",
+        "...##..",
+        "..##...",
+        ".##....",
+        "##.....",
+        "#######",
+        ".......",
+    ),
+    (  # 3
+        ".......",
+        "######.",
+        ".....##",
+        ".....##",
+        ".....##",
+        "..####.",
+        ".....##",
+        ".....##",
+        ".....##",
+        ".....##",
+        "######.",
+        ".......",
+    ),
+    (  # 4
+        ".......",
+        "....##.",
+        "...###.",
+        "..####.",
+        ".##.##.",
+        "##..##.",
+        "#######",
+        "....##.",
+        "....##.",
+        "....##.",
+        "....##.",
+        ".......",
+    ),
+    (  # 5
+        ".......",
+        "#######",
+        "##.....",
+        "##.....",
+        "######.",
+        ".....##",
+        ".....##",
+        ".....##",
+        ".....##",
+        "##...##",
+        ".#####.",
+        ".......",
+    ),
+    (  # 6
+        ".......",
+        "...###.",
+        "..##...",
+        ".##....",
+        "##.....",
+        "######.",
+        "##...##",
+        "##...##",
+        "##...##",
+        "##...##",
+        ".#####.",
+        ".......",
+    ),
+    (  # 7
+        ".......",
+        "#######",
+        ".....##",
+        "....##.",
+        "....##.",
+        "...##..",
+        "...##..",
+        "..##...",
+        "..##...",
+        ".##....",
+        ".##....",
+        ".......",
+    ),
+    (  # 8
+        ".......",
+        ".#####.",
+        "##...##",
+        "##...##",
+        "##...##",
+        ".#####.",
+        "##...##",
+        "##...##",
+        "##...##",
+        "##...##",
+        ".#####.",
+        ".......",
+    ),
+    (  # 9
+        ".......",
+        ".#####.",
+        "##...##",
+        "##...##",
+        "##...##",
+        ".######",
+        ".....##",
+        "....##.",
+        "...##..",
+        "..##...",
+        ".##....",
+        ".......",
+    ),
+)
+
+
+def _prototype_matrix() -> torch.Tensor:
+    """The 10x84 matrix of +/-1 prototypes, row i = digit i, row-major bitmap."""
+    rows = []
+    for digit, bitmap in enumerate(PROTOTYPE_BITMAPS):
+        if len(bitmap) != 12 or any(len(r) != 7 for r in bitmap):
+            raise ValueError(f"prototype bitmap for digit {digit} is not 7 wide x 12 tall")
+        rows.append([1.0 if c == "#" else -1.0 for r in bitmap for c in r])
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def _min_hamming() -> int:
+    p = _prototype_matrix()
+    d = (p[:, None, :] != p[None, :, :]).sum(-1)
+    d.fill_diagonal_(10**6)
+    return int(d.min())
+
+
+# Smallest number of differing positions between two prototypes.
+MIN_PROTOTYPE_HAMMING: int = _min_hamming()
+
+
+class ScaledTanh(nn.Module):
+    """LeCun's squashing function ``f(x) = a * tanh(s * x)``.
+
+    With ``a = 1.7159`` and ``s = 2/3`` (paper, appendix A), ``f(1) = 1`` and
+    ``f(-1) = -1``, and the second derivative is largest at +/-1, so the +/-1
+    targets of the RBF prototypes sit where the function is still far from
+    saturation.
+
+    Parameters
+    ----------
+    a:
+        Output amplitude.
+    s:
+        Input slope.
+    """
+
+    def __init__(self, a: float = 1.7159, s: float = 2.0 / 3.0) -> None:
+        super().__init__()
+        self.a = float(a)
+        self.s = float(s)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # torch.tanh (not nn.Tanh / F.tanh): the interpretation engine intercepts
+        # this call to apply its backward rules to the non-linearity.
+        return self.a * torch.tanh(self.s * x)
+
+    def _get_name(self) -> str:
+        # Printed as the original implementation prints it: "Tanh(a=..., s=...)".
+        return "Tanh"
+
+    def extra_repr(self) -> str:
+        return f"a={self.a:.4f}, s={self.s:.4f}"
+
+
+class AvgPool2d(nn.AvgPool2d):
+    """Plain 2x2 average pooling, printed as ``AvgPool2d(kernel_size=2, stride=2)``.
+
+    Identical to :class:`torch.nn.AvgPool2d`; only the printout is shorter, to
+    match the architecture listing of the original implementation.
+    """
+
+    def __init__(self, kernel_size: int = 2, stride: int = 2) -> None:
+        super().__init__(kernel_size=kernel_size, stride=stride)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}"
+
+
+class TrainablePool2d(AvgPool2d):
+    """The paper's subsampling layer: 2x2 average times a trainable coefficient plus a trainable bias, per map.
+
+    The paper sums the four inputs; averaging only rescales the coefficient by
+    4. Coefficients start at 1 and biases at 0, so at initialisation the layer
+    equals plain average pooling.
+
+    Parameters
+    ----------
+    channels:
+        Number of feature maps (one coefficient and one bias each).
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 2, stride: int = 2) -> None:
+        super().__init__(kernel_size=kernel_size, stride=stride)
+        self.channels = int(channels)
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = super().forward(x)
+        return pooled * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, kernel_size={self.kernel_size}, stride={self.stride}, trainable=True"
+
+
+class C3Conv2d(nn.Conv2d):
+    """Conv2d(6, 16, 5) restricted to the paper's partial connection table (Table I).
+
+    The weight tensor keeps its full ``16x6x5x5`` shape (so code that reads
+    ``module.weight``, e.g. a deconvnet, works unchanged), but the 36 absent
+    connections are zero in the stored weight *and* multiplied by a fixed
+    0/1 mask in :meth:`forward`, so their gradient is exactly zero and no
+    optimiser (with or without decoupled weight decay) can move them.
+    """
+
+    def __init__(self, table: tuple[tuple[int, ...], ...] = C3_TABLE) -> None:
+        super().__init__(6, 16, kernel_size=5)
+        mask = torch.zeros(16, 6, 1, 1)
+        for out_map, inputs in enumerate(table):
+            mask[out_map, list(inputs)] = 1.0
+        # Not persistent: the mask is a property of the architecture, not a weight.
+        self.register_buffer("mask", mask, persistent=False)
+        with torch.no_grad():
+            self.weight.mul_(self.mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight * self.mask, self.bias, self.stride, self.padding)
+
+    def _get_name(self) -> str:
+        return "Conv2d"
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", connections={int(self.mask.sum())}/96"
+
+
+class RBFOutputLayer(nn.Module):
+    """Euclidean RBF output units with fixed +/-1 prototypes.
+
+    ``y_i = sum_j (x_j - w_ij)^2`` for each class ``i``: a penalty, smaller is
+    more likely. The prototypes ``w`` (``10x84``, the stylised 7x12 digit
+    bitmaps of :data:`PROTOTYPE_BITMAPS`) are a buffer: saved with the weights
+    but never trained, as in the paper.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("prototypes", _prototype_matrix())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, 1, 84) - (1, 10, 84): exact per-element squares rather than the
+        # |x|^2 - 2xw + |w|^2 expansion, which loses precision near a prototype.
+        return (x.unsqueeze(1) - self.prototypes.unsqueeze(0)).pow(2).sum(-1)
+
+
+def _fan_in_uniform_(module: nn.Module, fan_in: int | torch.Tensor) -> None:
+    """Uniform(-2.4/F, 2.4/F) for weight and bias (paper, appendix A).
+
+    The bias gets the same range as the weights because in the paper a bias is
+    just one more weight, connected to a unit of constant input.
+    ``fan_in`` may be a per-output-unit tensor (the C3 table gives maps with 3, 4
+    or 6 inputs, i.e. fan-in 75, 100 or 150).
+    """
+    with torch.no_grad():
+        bound = 2.4 / torch.as_tensor(fan_in, dtype=torch.float32)
+        w = module.weight
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        w.uniform_(-1.0, 1.0).mul_(bound.reshape(shape) if bound.dim() else bound)
+        if module.bias is not None:
+            module.bias.uniform_(-1.0, 1.0).mul_(bound)
+
+
+class LeNet5(nn.Module):
+    """LeNet-5 for 32x32 greyscale digits; outputs 10 RBF penalties (argmin = class).
+
+    Parameters
+    ----------
+    c3_table:
+        Connect conv2 (the paper's C3) through the partial table of the paper
+        (60 of 96 map pairs) instead of fully.
+    trainable_pool:
+        Use the paper's subsampling (trainable coefficient and bias per map)
+        instead of plain average pooling.
+    """
+
+    def __init__(self, c3_table: bool = False, trainable_pool: bool = False) -> None:
+        super().__init__()
+        self.c3_table = bool(c3_table)
+        self.trainable_pool = bool(trainable_pool)
+        self.conv1 = nn.Conv2d(1, 6, kernel_size=5)
+        self.tanh1 = ScaledTanh()
+        self.pool1 = TrainablePool2d(6) if trainable_pool else AvgPool2d(2, 2)
+        self.tanh2 = ScaledTanh()
+        self.conv2 = C3Conv2d() if c3_table else nn.Conv2d(6, 16, kernel_size=5)
+        self.tanh3 = ScaledTanh()
+        self.pool2 = TrainablePool2d(16) if trainable_pool else AvgPool2d(2, 2)
+        self.tanh4 = ScaledTanh()
+        self.conv3 = nn.Conv2d(16, 120, kernel_size=5)
+        self.tanh5 = ScaledTanh()
+        self.linear = nn.Linear(120, 84)
+        self.tanh6 = ScaledTanh()
+        self.rbf = RBFOutputLayer()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Fan-in uniform initialisation of conv and linear layers (see :func:`_fan_in_uniform_`)."""
+        _fan_in_uniform_(self.conv1, 1 * 25)
+        if self.c3_table:
+            per_map = self.conv2.mask.flatten(1).sum(1) * 25
+            _fan_in_uniform_(self.conv2, per_map)
+            with torch.no_grad():
+                self.conv2.weight.mul_(self.conv2.mask)
+        else:
+            _fan_in_uniform_(self.conv2, 6 * 25)
+        _fan_in_uniform_(self.conv3, 16 * 25)
+        _fan_in_uniform_(self.linear, 120)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map ``Bx1x32x32`` inputs to ``Bx10`` penalties."""
+        if x.dim() != 4 or x.shape[1:] != (1, 32, 32):
+            raise ValueError(f"LeNet5 expects input of shape (B, 1, 32, 32), got {tuple(x.shape)}")
+        x = self.tanh2(self.pool1(self.tanh1(self.conv1(x))))
+        x = self.tanh4(self.pool2(self.tanh3(self.conv2(x))))
+        x = self.tanh5(self.conv3(x))
+        x = torch.flatten(x, 1)
+        x = self.tanh6(self.linear(x))
+        return self.rbf(x)
+
+    @staticmethod
+    def scores_to_pred(penalties: torch.Tensor) -> torch.Tensor:
+        """Predicted class: the smallest penalty."""
+        return penalties.argmin(dim=1)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters, not counting weights masked out by a connection table."""
+    total = 0
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            if isinstance(module, C3Conv2d) and name == "weight":
+                total += int(module.mask.expand_as(p).sum())
+            else:
+                total += p.numel()
+    return total
+
+
+def lecun_loss(penalties: torch.Tensor, target: torch.Tensor, j: float = LOSS_J) -> torch.Tensor:
+    """LeCun's MAP criterion (paper, eq. 9), averaged over the batch.
+
+    ``E = mean_p [ y_{D_p} + log(exp(-j) + sum_i exp(-y_i)) ]``
+
+    The first term pulls the correct class's penalty down; the second pushes
+    the other penalties up (the ``exp(-j)`` term stops it from pushing
+    penalties that are already larger than ``j``). Computed with ``logsumexp``
+    so that large penalties cannot underflow to ``log(0)``.
+
+    Parameters
+    ----------
+    penalties:
+        ``BxC`` RBF outputs.
+    target:
+        ``B`` class indices.
+    j:
+        The constant J (5 in the paper).
+    """
+    correct = penalties.gather(1, target.view(-1, 1)).squeeze(1)
+    rubbish = torch.full_like(penalties[:, :1], -float(j))
+    competition = torch.logsumexp(torch.cat([rubbish, -penalties], dim=1), dim=1)
+    return (correct + competition).mean()
+
+
+def penalties_to_scores(penalties: torch.Tensor) -> torch.Tensor:
+    """Turn penalties into scores where larger = more likely (for top-k ranking)."""
+    return -penalties
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Class indices for a batch ``x`` (``Bx1x32x32``): the argmin of the RBF penalties."""
+    return model(x).argmin(dim=1)
+
+
+def to_input(images: torch.Tensor) -> torch.Tensor:
+    """Batch version of :func:`preprocess` for uint8 tensors.
+
+    Parameters
+    ----------
+    images:
+        ``uint8`` tensor ``Nx28x28`` (padded by 2) or ``Nx32x32`` (used as is).
+
+    Returns
+    -------
+    torch.Tensor
+        ``float32`` ``Nx1x32x32``, background -0.1, full ink 1.175.
+    """
+    if images.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 pixels 0..255, got dtype {images.dtype}")
+    if images.dim() != 3 or tuple(images.shape[1:]) not in ((28, 28), (32, 32)):
+        raise ValueError(f"expected an Nx28x28 or Nx32x32 uint8 tensor, got shape {tuple(images.shape)}")
+    x = images.float().unsqueeze(1)
+    if x.shape[-1] == 28:
+        # Pad with 0 (white) before scaling, so the border gets the background value.
+        x = F.pad(x, (2, 2, 2, 2), value=0.0)
+    return x * ((FOREGROUND - BACKGROUND) / 255.0) + BACKGROUND
+
+
+def preprocess(image) -> torch.Tensor:
+    """Turn one digit image into the model's input ``1x32x32`` (float32).
+
+    Parameters
+    ----------
+    image:
+        A PIL image (converted to mode ``"L"``), or a ``uint8`` tensor / numpy
+        array of shape ``28x28``, ``1x28x28``, ``32x32`` or ``1x32x32``, white
+        digit (255) on black background (0), as in MNIST. 28x28 images are
+        padded by 2 pixels of background.
+
+    Returns
+    -------
+    torch.Tensor
+        ``1x32x32``, background -0.1 and full ink 1.175 (paper, section II.A).
+    """
+    if isinstance(image, np.ndarray):
+        image = torch.from_numpy(np.ascontiguousarray(image))
+    if not isinstance(image, torch.Tensor):
+        try:
+            from PIL import Image
+        except ImportError as exc:  # pragma: no cover - pillow is a dependency
+            raise ValueError(f"cannot preprocess {type(image).__name__}") from exc
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"expected a PIL image or a uint8 tensor, got {type(image).__name__}")
+        image = torch.from_numpy(np.asarray(image.convert("L"), dtype=np.uint8).copy())
+    if image.dim() == 3 and image.shape[0] == 1:
+        image = image[0]
+    if image.dim() != 2:
+        raise ValueError(f"expected a single 28x28 or 32x32 greyscale image, got shape {tuple(image.shape)}")
+    return to_input(image.unsqueeze(0))[0]
+
+
+def load(weights: str | Path | None = None, **kwargs) -> tuple[LeNet5, Callable]:
+    """Build LeNet-5 with weights, in eval mode.
+
+    Parameters
+    ----------
+    weights:
+        ``None`` for the shipped MNIST weights (:data:`DEFAULT_WEIGHTS`, default
+        architecture only), ``"random"`` for the fan-in initialisation, or a
+        path to a ``.safetensors`` / ``.pt`` state dict (training checkpoints
+        from :mod:`adapters.training` are accepted too).
+    **kwargs:
+        ``c3_table`` / ``trainable_pool``, passed to :class:`LeNet5`.
+
+    Returns
+    -------
+    (model, preprocess)
+    """
+    from .checkpoint import load_state_dict
+
+    model = LeNet5(**kwargs)
+    if weights is None:
+        if model.c3_table or model.trainable_pool:
+            raise ValueError(
+                "the shipped LeNet-5 weights are for the default architecture; "
+                "pass weights=PATH (or 'random') with c3_table/trainable_pool"
+            )
+        weights = DEFAULT_WEIGHTS
+    if str(weights) != "random":
+        state = load_state_dict(weights)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ValueError(f"{weights} does not fit LeNet5({_describe(kwargs)}): {first}") from exc
+    model.eval()
+    return model, preprocess
+
+
+def _describe(kwargs: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+
+
+def recipe(fast: bool = False):
+    """The LeNet-5 training recipe.
+
+    ``fast=False`` is the original implementation's recipe (AdamW, lr 1e-3,
+    weight decay 1e-4, batch 64, 30 epochs) with a cosine decay of the
+    learning rate to zero over the run; ``fast=True`` is the same with 10
+    epochs.
+    """
+    from .training import Recipe
+
+    return Recipe(
+        name="lenet5-fast" if fast else "lenet5",
+        epochs=10 if fast else 30,
+        batch_size=64,
+        optimizer="adamw",
+        lr=1e-3,
+        weight_decay=1e-4,
+        scheduler="cosine",
+    )
+
+
+def training_setup(
+    data_root: str | Path | None = None,
+    limit: int | None = None,
+    fast: bool = False,
+    **model_kwargs,
+):
+    """Everything :func:`adapters.training.fit` needs to train LeNet-5 on MNIST.
+
+    The 60,000 training images are the training set and the 10,000 test
+    images the per-epoch validation set (MNIST has no separate validation
+    split; the *last* epoch, not the best, is what we ship, so nothing is
+    selected on the test set). Images are preprocessed once into tensors,
+    which is several times faster per epoch than per-item PIL transforms.
+
+    Returns
+    -------
+    adapters.training.TrainSpec
+    """
+    from torch.utils.data import TensorDataset
+
+    from .data import mnist
+    from .training import TrainSpec
+
+    def tensors(train: bool) -> TensorDataset:
+        ds = mnist(data_root, train=train)
+        images, labels = ds.data, ds.targets
+        if limit is not None:
+            images, labels = images[:limit], labels[:limit]
+        return TensorDataset(to_input(images), labels.long())
+
+    val_set = tensors(False)
+    return TrainSpec(
+        model=LeNet5(**model_kwargs),
+        train_set=tensors(True),
+        val_set=val_set,
+        recipe=recipe(fast=fast),
+        loss_fn=lecun_loss,
+        scores_fn=penalties_to_scores,
+        val_name=f"MNIST test ({len(val_set):,})" if limit is None else f"MNIST test (first {len(val_set):,})",
+        extra={"model_kwargs": dict(model_kwargs), "preprocess": "pad 2, x/255*1.275-0.1"},
+    )

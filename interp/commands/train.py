@@ -1,0 +1,131 @@
+"""``cnn-internals train MODEL``: train a built-in model with its recipe.
+
+Writes ``OUT/last.pt``, ``OUT/best.pt``, ``OUT/log.json`` (see
+:mod:`adapters.training`) and, when the run is complete, the final weights
+``OUT/MODEL.safetensors`` plus ``OUT/MODEL.json`` (metrics, time, recipe,
+seed, command) — the two files shipped under ``adapters/weights/``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import importlib
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# Trainable model -> "module:function" returning an adapters.training.TrainSpec
+# from (data_root, limit, fast). Add Imagenette models here.
+TRAINABLE: dict[str, str] = {
+    "lenet5": "adapters.lenet5:training_setup",
+}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register the ``train`` verb."""
+    p = subparsers.add_parser(
+        "train",
+        help="train a built-in model (checkpoints, log, final weights)",
+        description="Train a built-in model with its recipe; resumable.",
+    )
+    p.add_argument("model", metavar="MODEL", help=f"one of: {', '.join(sorted(TRAINABLE))}")
+    p.add_argument("--data", default=None, help="data root holding MNIST/raw/ (default ../shared/data or $CNN_INTERNALS_DATA)")
+    p.add_argument("--epochs", type=int, default=None, help="override the recipe's number of epochs")
+    p.add_argument("--batch-size", type=int, default=None, help="override the recipe's batch size")
+    p.add_argument("--lr", type=float, default=None, help="override the recipe's learning rate")
+    p.add_argument("--fast", action="store_true", help="the model's shorter recipe, if it has one")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N training and validation images")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default: cpu")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--out", default=None, help="output folder (default out/train/MODEL)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--no-progress", action="store_true", help="no per-epoch progress bar")
+    p.set_defaults(func=run)
+    return p
+
+
+def _setup(name: str):
+    if name not in TRAINABLE:
+        raise ValueError(f"model {name!r} is not trainable here; trainable: {', '.join(sorted(TRAINABLE))}")
+    module, func = TRAINABLE[name].split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train ``args.model``; returns 0 on success."""
+    import torch
+
+    from adapters.training import fit, seed_everything
+
+    setup = _setup(args.model)
+    if args.limit is not None and args.limit < 1:
+        raise ValueError("--limit must be >= 1")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    # Seed before the model is built: its initial weights are part of the run.
+    seed_everything(args.seed)
+    spec = setup(data_root=args.data, limit=args.limit, fast=args.fast)
+    changes: dict[str, Any] = {}
+    if args.epochs is not None:
+        changes["epochs"] = args.epochs
+    if args.batch_size is not None:
+        changes["batch_size"] = args.batch_size
+    if args.lr is not None:
+        changes["lr"] = args.lr
+    if changes:
+        spec.recipe = dataclasses.replace(spec.recipe, **changes)
+    out = Path(args.out) if args.out else Path("out") / "train" / args.model
+    print(
+        f"training {args.model} with recipe {spec.recipe.name}: {spec.recipe.epochs} epochs, batch "
+        f"{spec.recipe.batch_size}, {len(spec.train_set)} training images, device {args.device}, "
+        f"{torch.get_num_threads()} threads -> {out}"
+    )
+    result = fit(
+        spec, out, device=args.device, workers=args.workers, seed=args.seed,
+        resume=args.resume, progress=not args.no_progress,
+    )
+    history = result["history"]
+    if len(history) == spec.recipe.epochs:
+        _export(args, spec, history, out)
+    return 0
+
+
+def _export(args: argparse.Namespace, spec, history: list[dict[str, Any]], out: Path) -> None:
+    """Write the final (last-epoch) weights as safetensors and a JSON record of the run."""
+    import torch
+    from safetensors.torch import save_file
+
+    weights = out / f"{args.model}.safetensors"
+    state = {k: v.detach().cpu().contiguous() for k, v in spec.model.state_dict().items()}
+    save_file(state, str(weights))
+    last = history[-1]
+    record = {
+        "model": args.model,
+        "weights": weights.name,
+        "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        "epochs": len(history),
+        "seed": args.seed,
+        "recipe": spec.recipe.to_dict(),
+        "train_images": len(spec.train_set),
+        "eval_set": spec.val_name,
+        "eval_images": len(spec.val_set) if spec.val_set is not None else 0,
+        "final": {k: v for k, v in last.items() if k.startswith("val_")},
+        "train_seconds": sum(h["seconds"] for h in history),
+        "seconds_per_epoch": sum(h["seconds"] for h in history) / len(history),
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "command": "cnn-internals train " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+        if Path(sys.argv[0]).name == "cnn-internals" else None,
+        "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (out / f"{args.model}.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"final weights: {weights}  ({spec.val_name} top-1 {100 * last.get('val_top1', float('nan')):.2f}%)")
