@@ -26,6 +26,11 @@ __all__ = ["load", "names", "register"]
 # cheap and an adapter with heavy optional dependencies costs nothing unless used.
 _BUILTIN: dict[str, str] = {
     "lenet5": "adapters.lenet5:load",
+    "alexnet": "adapters.alexnet:load",
+    "vgg16": "adapters.vgg16:load",
+    "inception": "adapters.inception:load",
+    "resnet18": "adapters.resnet18:load",
+    "mobilenet": "adapters.mobilenet:load",
 }
 _REGISTRY: dict[str, Callable] = {}
 

@@ -1,0 +1,126 @@
+"""VGG-16 (Simonyan & Zisserman, 2015, configuration D) with a 10-class Imagenette head.
+
+Thirteen 3x3 convolutions (stride 1, padding 1) in five blocks separated by
+2x2 max pooling, adaptive average pooling to 7x7, and three fully-connected
+layers with dropout on the first two. No batch normalisation.
+
+Architecture (module names and order as in the original "CNN Internals"
+printout)::
+
+    conv1 (3->64)   relu1  conv2 (64->64)   relu2  pool1
+    conv3 (64->128) relu3  conv4 (128->128) relu4  pool2
+    conv5 (128->256) relu5 conv6 (256->256) relu6 conv7 (256->256) relu7 pool3
+    conv8 (256->512) relu8 conv9 (512->512) relu9 conv10 (512->512) relu10 pool4
+    conv11 (512->512) relu11 conv12 (512->512) relu12 conv13 (512->512) relu13 pool5
+    avgpool (7x7)
+    fc1 (25088->4096) relu14 drop1  fc2 (4096->4096) relu15 drop2  fc3 (4096->10)
+
+Shapes at 224x224: 64x224 -> pool1 64x112 -> pool2 128x56 -> pool3 256x28 ->
+pool4 512x14 -> pool5 512x7 -> avgpool 512x7x7 -> 25088 -> 4096 -> 4096 -> 10.
+
+Parameter count
+---------------
+**134,301,514** trainable parameters::
+
+    convolutions (13)                 14,714,688
+    fc1   4096*25088 + 4096     =    102,764,544
+    fc2   4096*4096 + 4096      =     16,781,312
+    fc3   10*4096 + 10          =         40,970
+
+Initialisation: Kaiming normal conv/linear weights, zero biases
+(:func:`adapters.recipes.init_weights`). Recipe and evaluation preprocessing
+(resize 256, centre 224 crop, dataset mean/std): :data:`adapters.recipes.RECIPES`
+``["vgg16"]``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["VGG16", "load", "NUM_PARAMETERS", "CONV_CHANNELS"]
+
+NUM_PARAMETERS = 134_301_514
+
+# Output channels of conv1..conv13, and after which conv a 2x2 pool follows.
+CONV_CHANNELS: tuple[int, ...] = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
+_POOL_AFTER: dict[int, int] = {2: 1, 4: 2, 7: 3, 10: 4, 13: 5}  # conv index -> pool index
+
+
+class VGG16(nn.Module):
+    """VGG-16 with flat, numbered module names (see the module docstring).
+
+    Parameters
+    ----------
+    num_classes:
+        Size of the output layer ``fc3``.
+    dropout:
+        Dropout probability of ``drop1`` and ``drop2``.
+    """
+
+    def __init__(self, num_classes: int = 10, dropout: float = 0.5) -> None:
+        super().__init__()
+        # conv1..conv13 are real module names: no aliases needed.
+        self.layer_aliases: dict[str, str] = {}
+        in_ch = 3
+        # Registration order is the printed order, which is also forward order.
+        for i, out_ch in enumerate(CONV_CHANNELS, start=1):
+            self.add_module(f"conv{i}", nn.Conv2d(in_ch, out_ch, kernel_size=3, stride=1, padding=1))
+            self.add_module(f"relu{i}", nn.ReLU())
+            if i in _POOL_AFTER:
+                self.add_module(f"pool{_POOL_AFTER[i]}", nn.MaxPool2d(kernel_size=2, stride=2))
+            in_ch = out_ch
+        self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+        self.fc1 = nn.Linear(512 * 7 * 7, 4096)
+        self.relu14 = nn.ReLU()
+        self.drop1 = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(4096, 4096)
+        self.relu15 = nn.ReLU()
+        self.drop2 = nn.Dropout(dropout)
+        self.fc3 = nn.Linear(4096, num_classes)
+        from .recipes import init_weights
+
+        init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits for a batch ``Bx3xHxW`` (224x224 in the recipe)."""
+        for i in range(1, len(CONV_CHANNELS) + 1):
+            x = getattr(self, f"relu{i}")(getattr(self, f"conv{i}")(x))
+            if i in _POOL_AFTER:
+                x = getattr(self, f"pool{_POOL_AFTER[i]}")(x)
+        x = torch.flatten(self.avgpool(x), 1)
+        x = self.drop1(self.relu14(self.fc1(x)))
+        x = self.drop2(self.relu15(self.fc2(x)))
+        return self.fc3(x)
+
+
+def load(
+    weights: str | os.PathLike | None = None,
+    num_classes: int = 10,
+    data_root: str | os.PathLike | None = None,
+    **kwargs,
+) -> tuple[nn.Module, Callable]:
+    """VGG-16 in eval mode and its evaluation preprocess.
+
+    Parameters
+    ----------
+    weights:
+        A checkpoint for :func:`adapters.checkpoint.load_state_dict`; ``None``
+        keeps the random (Kaiming) initialisation.
+    num_classes:
+        Output classes (10 for Imagenette).
+    data_root:
+        Where Imagenette is, for the mean/std of the preprocess.
+    **kwargs:
+        Passed to :class:`VGG16` (``dropout``).
+
+    Returns
+    -------
+    (model, preprocess)
+        ``preprocess``: resize 256, centre 224 crop, [0, 1], dataset mean/std.
+    """
+    from .recipes import finish_load
+
+    return finish_load(VGG16(num_classes=num_classes, **kwargs), "vgg16", weights, data_root)
