@@ -460,6 +460,10 @@ def fit(
             val = evaluate(model, spec.val_set, spec.loss_fn, spec.scores_fn,
                            batch_size=2 * recipe.batch_size, device=device, workers=workers)
             record.update({f"val_{k}": v for k, v in val.items() if k != "n"})
+        # Epoch-level schedules driven by a metric (ReduceLROnPlateau on val
+        # top-1, adapters.recipes.EpochScheduler) step here, before the save.
+        if hasattr(scheduler, "epoch_end"):
+            scheduler.epoch_end(record)
         history.append(record)
         key = "val_top1" if "val_top1" in record else "train_top1"
         improved = best is None or record[key] > best[key]
