@@ -175,6 +175,13 @@ class IndexedImages(torch.utils.data.Dataset):
             ) from exc
         return self._model_input(img), index
 
+    def item(self, index: int) -> torch.Tensor:
+        """The model-input tensor of dataset item ``index`` (never skipped)."""
+        got = IndexedImages.__getitem__(self, index)
+        if got is None:
+            raise ValueError(f"cannot read image {self.describe(index)}")
+        return got[0]
+
     def raw(self, index: int) -> np.ndarray:
         """The image as the model saw it, before normalisation.
 
@@ -225,6 +232,9 @@ class SubsetImages(IndexedImages):
 
     def __getitem__(self, position: int):
         return self.parent[self.indices[position]]
+
+    def item(self, index: int) -> torch.Tensor:
+        return self.parent.item(index)
 
     def raw(self, index: int) -> np.ndarray:
         return self.parent.raw(index)

@@ -1,0 +1,123 @@
+"""``cnn-internals visualize MODEL --data PATH``: top-k panels, topk.json, gallery.
+
+Mines the top-k images of the chosen channels of every chosen layer in one pass
+over the data, projects those units to pixel space, and writes
+``DIR/<model>_<layer>_<method>.png`` per layer, ``DIR/topk.json`` and
+``DIR/index.html``.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ._models import MODEL_HELP, load_model
+
+
+def parse_channels(text: str | None) -> list[int] | None:
+    """``"0-5"`` / ``"0,3,8-9"`` -> list of ints (``None`` stays ``None``)."""
+    if text is None:
+        return None
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                lo, hi = (int(v) for v in part.split("-", 1))
+                if hi < lo:
+                    raise ValueError
+                out.extend(range(lo, hi + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise ValueError(f"bad --channels {text!r}; write e.g. 0-5 or 0,3,8-9") from None
+    if not out:
+        raise ValueError(f"bad --channels {text!r}; write e.g. 0-5 or 0,3,8-9")
+    return list(dict.fromkeys(out))
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``visualize`` and ``demo``."""
+    p.add_argument("--device", default=None, help="cpu or cuda (default: where the model is, i.e. cpu)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass when mining (default 64)")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("visualize", help="top-k panels per conv layer, topk.json and an HTML gallery",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--data", required=True,
+                   help="image folder (ImageFolder layout or flat), Imagenette root (train/ val/) or MNIST root")
+    p.add_argument("--weights", help="checkpoint to load (.pt/.pth/.safetensors)")
+    p.add_argument("--layers", default="all-conv", help="comma-separated layer names, or all-conv (default)")
+    p.add_argument("--channels", default=None, help="channels per layer, e.g. 0-5 (default: the first 6)")
+    p.add_argument("--top", type=int, default=9, help="images per channel (default 9)")
+    p.add_argument("--method", default="guided",
+                   help="guided, deconvnet or gradient; several comma-separated (default guided)")
+    p.add_argument("--out", default="cnn-internals-out", help="output folder (default ./cnn-internals-out)")
+    p.add_argument("--split", default=None, help="split of an Imagenette/MNIST root (default val / test)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="use N images spread evenly over the dataset (default: all)")
+    p.add_argument("--size", type=int, default=None,
+                   help="resize + centre-crop to N pixels (only for models without their own preprocess)")
+    p.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images with a warning")
+    p.add_argument("--topk", default=None, help="reuse a saved topk.json instead of mining again")
+    p.add_argument("--web", choices=["webp", "jpg"], default=None, help="also write each panel in this format")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    add_common(p)
+    p.set_defaults(func=run)
+
+
+def input_mode(model) -> str | None:
+    """PIL mode matching the model's first conv: "L" for 1 channel, "RGB" for 3."""
+    import interp
+    from torch import nn
+
+    modules = dict(model.named_modules())
+    for name in interp.conv_layers(model):
+        m = modules[name]
+        if isinstance(m, nn.Conv2d):
+            return {1: "L", 3: "RGB"}.get(m.in_channels)
+    return "RGB"
+
+
+def report(result, stream=None) -> None:
+    """Print where the files are and where the time went."""
+    import sys
+
+    out = stream or sys.stdout
+    panels = sorted({p for p in result.panels.values()})
+    print(f"wrote {len(panels)} panel(s) to {result.out_dir}/", file=out)
+    for p in panels:
+        print(f"  {p}", file=out)
+    print(f"top-k:   {result.topk_path}", file=out)
+    print(f"gallery: {result.index_path}  (open it in a browser; works from file://)", file=out)
+    t = result.timings
+    print(f"time: mining {t['mining']:.1f} s, projection {t['projection']:.1f} s, "
+          f"drawing {t['drawing']:.1f} s, total {t['total']:.1f} s", file=out)
+
+
+def run(args: argparse.Namespace) -> int:
+    from interp.data import open_images
+    from interp.topk import TopK
+    from interp.visualize import visualize
+
+    if args.top < 1:
+        raise ValueError(f"--top must be at least 1, got {args.top}")
+    model, preprocess, model_id = load_model(args.model, args.weights)
+    if preprocess is None and args.size:
+        import torch
+        from torchvision.transforms import v2 as T
+
+        preprocess = T.Compose([T.ToImage(), T.Resize(args.size, antialias=True), T.CenterCrop(args.size),
+                                T.ToDtype(torch.float32, scale=True)])
+    data = open_images(args.data, preprocess, split=args.split, mode=input_mode(model),
+                       skip_corrupt=args.skip_corrupt, limit=args.limit)
+    topk = TopK.load(args.topk) if args.topk else None
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    result = visualize(model, data, Path(args.out), args.layers, channels=parse_channels(args.channels),
+                       k=args.top, methods=methods, model_id=model_id, batch_size=args.batch_size,
+                       device=args.device, topk=topk, web=args.web, num_workers=args.workers)
+    report(result)
+    return 0

@@ -1,0 +1,196 @@
+"""A static HTML gallery of a ``visualize`` output folder.
+
+``index.html`` needs no server: it only references files next to it
+(``assets/...``, the panel PNGs) and carries its data in the markup, so it
+works from ``file://`` (where browsers refuse ``fetch``). It lists every
+layer; per channel the top-k tiles (projection for the selected method, the
+input crop below); hovering, focusing or clicking a tile shows the full input
+image with the unit's receptive-field box drawn on it (a click pins it).
+
+The page is built from ``gallery.json``, written by :func:`interp.visualize`.
+"""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from .panels import METHOD_NAMES
+from .topk import write_atomic
+
+__all__ = ["write_gallery", "load_manifest"]
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:0;color:#222;background:#fafafa}
+header{position:sticky;top:0;background:#fff;border-bottom:1px solid #ddd;padding:8px 16px;z-index:2;
+  display:flex;gap:16px;align-items:center;flex-wrap:wrap}
+header h1{font-size:18px;margin:0}
+nav a{margin-right:8px;font-size:13px}
+main{padding:8px 16px 16px;margin-right:340px}
+section.layer{margin:18px 0 28px}
+section.layer h2{font-size:17px;margin:4px 0}
+.panels a{font-size:13px;margin-right:10px}
+.channel{display:flex;align-items:flex-start;gap:6px;margin:6px 0}
+.channel .label{width:84px;font-size:12px;padding-top:22px}
+.tile{margin:0;padding:2px;border:2px solid transparent;cursor:pointer;background:#fff;text-align:center}
+.tile:hover,.tile:focus,.tile.pinned{border-color:#d22;outline:none}
+.tile img{display:block;width:64px;height:64px;object-fit:contain;image-rendering:pixelated;background:#888}
+.tile figcaption{font-size:10px;color:#666}
+#viewer{position:fixed;right:0;top:52px;width:320px;padding:10px;background:#fff;border-left:1px solid #ddd;
+  height:calc(100vh - 72px);overflow:auto}
+#viewer .frame{position:relative;width:300px;line-height:0;background:#888}
+#viewer-img{width:100%;image-rendering:pixelated}
+#viewer-box{position:absolute;border:2px solid #f22;box-shadow:0 0 0 1px #fff;box-sizing:border-box;display:none}
+#viewer-caption{font-size:12px;line-height:1.4;margin-top:8px;word-break:break-all}
+.hint{font-size:12px;color:#666}
+"""
+
+_JS = """
+(function(){
+  var viewer = document.getElementById('viewer');
+  var img = document.getElementById('viewer-img');
+  var box = document.getElementById('viewer-box');
+  var caption = document.getElementById('viewer-caption');
+  var pinned = null;
+  function show(tile){
+    var b = tile.getAttribute('data-box').split(',').map(Number);
+    var h = Number(tile.getAttribute('data-h')), w = Number(tile.getAttribute('data-w'));
+    img.src = tile.getAttribute('data-input');
+    box.style.top = (100 * b[0] / h) + '%';
+    box.style.left = (100 * b[1] / w) + '%';
+    box.style.height = (100 * (b[2] - b[0]) / h) + '%';
+    box.style.width = (100 * (b[3] - b[1]) / w) + '%';
+    box.style.display = 'block';
+    caption.textContent = tile.getAttribute('data-caption');
+    viewer.setAttribute('data-shown', tile.id);
+  }
+  function restore(){ if (pinned) { show(pinned); } }
+  var tiles = document.querySelectorAll('.tile');
+  for (var i = 0; i < tiles.length; i++) {
+    (function(tile){
+      tile.addEventListener('mouseenter', function(){ show(tile); });
+      tile.addEventListener('focus', function(){ show(tile); });
+      tile.addEventListener('mouseleave', restore);
+      tile.addEventListener('click', function(){
+        if (pinned) { pinned.classList.remove('pinned'); }
+        pinned = (pinned === tile) ? null : tile;
+        if (pinned) { pinned.classList.add('pinned'); show(tile); }
+      });
+    })(tiles[i]);
+  }
+  var select = document.getElementById('method');
+  function setMethod(){ document.body.setAttribute('data-method', select.value); }
+  select.addEventListener('change', setMethod);
+  setMethod();
+})();
+"""
+
+
+def load_manifest(out_dir: str | Path) -> dict:
+    """Read ``gallery.json`` from a ``visualize`` output folder."""
+    out_dir = Path(out_dir)
+    path = out_dir / "gallery.json"
+    if not out_dir.is_dir():
+        raise FileNotFoundError(f"folder not found: {out_dir}")
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{out_dir} has no gallery.json; run `cnn-internals visualize MODEL --data PATH --out {out_dir}` first"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); re-run `cnn-internals visualize`") from exc
+    if data.get("format") != "cnn-internals.gallery/1":
+        raise ValueError(f"{path} is not a cnn-internals gallery manifest")
+    return data
+
+
+def _attr(v: object) -> str:
+    return html.escape(str(v), quote=True)
+
+
+def render_html(manifest: dict) -> str:
+    """The gallery page for a manifest (see :func:`interp.visualize`)."""
+    model_id = manifest["model_id"]
+    methods = manifest["methods"]
+    h, w = manifest["input_size"]
+    # Hide every projection except the selected method's (pure CSS, no JS needed).
+    css_methods = "".join(
+        f'body[data-method="{m}"] img.proj:not([data-method="{m}"]){{display:none}}' for m in methods
+    )
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>cnn-internals: {_attr(model_id)}</title>",
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<style>{_CSS}{css_methods}</style></head>",
+        f'<body data-method="{_attr(methods[0])}">',
+        f"<header><h1>{_attr(model_id)}</h1>",
+        '<label>projection <select id="method">'
+        + "".join(f'<option value="{_attr(m)}">{_attr(METHOD_NAMES.get(m, m))}</option>' for m in methods)
+        + "</select></label>",
+        f'<span class="hint">top-{manifest["k"]} of {manifest["n_images"]} images; hover or click a tile '
+        "to see its receptive field on the input</span>",
+        "<nav>" + "".join(f'<a href="#layer-{i}">{_attr(L["name"])}</a>' for i, L in enumerate(manifest["layers"]))
+        + "</nav></header>",
+        "<main>",
+    ]
+    for li, layer in enumerate(manifest["layers"]):
+        out.append(f'<section class="layer" id="layer-{li}"><h2>{_attr(layer["title"])}</h2>')
+        out.append('<div class="panels">panel: ' + "".join(
+            f'<a href="{_attr(p)}">{_attr(METHOD_NAMES.get(m, m))}</a>' for m, p in layer["panels"].items()
+        ) + "</div>")
+        for ch in layer["channels"]:
+            out.append(f'<div class="channel"><div class="label">channel {ch["channel"]}</div>')
+            for t in ch["tiles"]:
+                tid = f"t{li}-{ch['channel']}-{t['rank']}"
+                caption = (f"{layer['name']} channel {ch['channel']} rank {t['rank'] + 1}: "
+                           f"value {t['value']:.4g} at (y={t['y']}, x={t['x']}); {t['label']}; "
+                           f"box rows {t['box'][0]}-{t['box'][2]}, cols {t['box'][1]}-{t['box'][3]}")
+                imgs = "".join(
+                    f'<img class="proj" data-method="{_attr(m)}" src="{_attr(p)}" alt="{_attr(m)} projection">'
+                    for m, p in t["proj"].items()
+                )
+                out.append(
+                    f'<figure class="tile" id="{tid}" tabindex="0" data-input="{_attr(t["input"])}" '
+                    f'data-box="{",".join(str(int(v)) for v in t["box"])}" data-h="{h}" data-w="{w}" '
+                    f'data-caption="{_attr(caption)}">{imgs}'
+                    f'<img class="crop" src="{_attr(t["crop"])}" alt="input crop">'
+                    f"<figcaption>{t['value']:.3g}</figcaption></figure>"
+                )
+            out.append("</div>")
+        out.append("</section>")
+    out += [
+        "</main>",
+        '<aside id="viewer"><div class="frame"><img id="viewer-img" alt="input image">'
+        '<div id="viewer-box"></div></div><div id="viewer-caption" class="hint">'
+        "Hover or click a tile.</div></aside>",
+        f"<script>{_JS}</script>",
+        "</body></html>",
+    ]
+    return "\n".join(out) + "\n"
+
+
+def write_gallery(out_dir: str | Path) -> Path:
+    """Write ``index.html`` for a ``visualize`` output folder; returns its path.
+
+    Raises
+    ------
+    FileNotFoundError
+        When the folder or its ``gallery.json`` (or a file it names) is missing.
+    """
+    out_dir = Path(out_dir)
+    manifest = load_manifest(out_dir)
+    missing = []
+    for layer in manifest["layers"]:
+        for ch in layer["channels"]:
+            for t in ch["tiles"]:
+                for rel in [t["input"], t["crop"], *t["proj"].values()]:
+                    if not (out_dir / rel).is_file():
+                        missing.append(rel)
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} gallery file(s) missing in {out_dir} (e.g. {missing[0]}); "
+            "re-run `cnn-internals visualize` into this folder"
+        )
+    return write_atomic(out_dir / "index.html", render_html(manifest))
