@@ -68,14 +68,32 @@ class ReceptiveField:
     is_global: bool = False
     exact: bool = True
     notes: tuple[str, ...] = ()
+    channel_fields: tuple[tuple[int, int, "ReceptiveField"], ...] = ()
 
-    def box(self, y: int, x: int, clip: tuple[int, int] | None = None) -> tuple[int, int, int, int]:
+    def for_channel(self, channel: int) -> "ReceptiveField":
+        """The field of one channel.
+
+        After a ``cat`` of branches (an Inception block) each channel comes
+        from one branch and sees only that branch's field; ``size``/``offset``
+        of the layer itself are the union over channels.
+        """
+        for start, end, rf in self.channel_fields:
+            if start <= channel < end:
+                return rf
+        return self
+
+    def box(
+        self, y: int, x: int, clip: tuple[int, int] | None = None, channel: int | None = None
+    ) -> tuple[int, int, int, int]:
         """Input box ``(top, left, bottom, right)`` seen by unit ``(y, x)``, half-open.
 
         Parameters
         ----------
         clip:
             ``(H, W)``: clip the box to the image ``[0, H) x [0, W)``.
+        channel:
+            Give the channel for the exact per-branch box after a ``cat``
+            (default: the union over all channels).
 
         Examples
         --------
@@ -84,6 +102,8 @@ class ReceptiveField:
         >>> rf.box(0, 0), rf.box(0, 0, clip=(8, 8))
         ((-1, -1, 2, 2), (0, 0, 2, 2))
         """
+        if channel is not None and self.channel_fields:
+            return self.for_channel(channel).box(y, x, clip)
         if self.is_global:
             top, left = 0, 0
             bottom, right = self.input_size
@@ -109,6 +129,10 @@ class ReceptiveField:
             "is_global": self.is_global,
             "exact": self.exact,
             "notes": list(self.notes),
+            "channel_fields": [
+                {"channels": [a, b], "size": list(r.size), "offset": list(r.offset), "is_global": r.is_global}
+                for a, b, r in self.channel_fields
+            ],
         }
 
 
@@ -120,19 +144,28 @@ class _F:
     stride: tuple[int, int] = (1, 1)
     offset: tuple[int, int] = (0, 0)
     glob: bool = False
+    # Per-channel fields after a channel concat: ((start, end, _F), ...).
+    # Kept through channel-wise ops (pooling, activations, BatchNorm), dropped
+    # by anything that mixes channels.
+    segments: tuple | None = None
 
-    def window(self, k, s, p, d=(1, 1)) -> "_F":
+    def window(self, k, s, p, d=(1, 1), channelwise: bool = False) -> "_F":
+        segments = None
+        if channelwise and self.segments:
+            segments = tuple((a, b, f.window(k, s, p, d)) for a, b, f in self.segments)
         if self.glob:
-            return self
+            return _F(self.size, self.stride, self.offset, True, segments)
         size = tuple(self.size[i] + (d[i] * (k[i] - 1)) * self.stride[i] for i in range(2))
         offset = tuple(self.offset[i] - p[i] * self.stride[i] for i in range(2))
         stride = tuple(self.stride[i] * s[i] for i in range(2))
-        return _F(size, stride, offset)
+        return _F(size, stride, offset, False, segments)
 
     def shift(self, top: int, left: int) -> "_F":
+        segments = tuple((a, b, f.shift(top, left)) for a, b, f in self.segments) if self.segments else None
         if self.glob:
-            return self
-        return _F(self.size, self.stride, (self.offset[0] - top * self.stride[0], self.offset[1] - left * self.stride[1]))
+            return _F(self.size, self.stride, self.offset, True, segments)
+        offset = (self.offset[0] - top * self.stride[0], self.offset[1] - left * self.stride[1])
+        return _F(self.size, self.stride, offset, False, segments)
 
 
 def _union(fields: list[_F]) -> _F:
@@ -217,11 +250,11 @@ class _Propagator:
         if isinstance(mod, nn.MaxPool2d):
             k = _pair(mod.kernel_size)
             s = _pair(mod.stride if mod.stride is not None else mod.kernel_size)
-            return f.window(k, s, _pair(mod.padding), _pair(mod.dilation))
+            return f.window(k, s, _pair(mod.padding), _pair(mod.dilation), channelwise=True)
         if isinstance(mod, (nn.AvgPool2d, nn.LPPool2d)):
             k = _pair(mod.kernel_size)
             s = _pair(mod.stride if mod.stride is not None else mod.kernel_size)
-            return f.window(k, s, _pair(getattr(mod, "padding", 0)))
+            return f.window(k, s, _pair(getattr(mod, "padding", 0)), channelwise=True)
         if isinstance(mod, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
             return self._adaptive(node, f, notes, where)
         if isinstance(mod, (nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d)):
@@ -240,7 +273,7 @@ class _Propagator:
             if dst == (1, 1):
                 notes.append(f"{where}: global pooling, units see the whole input")
                 return _F(glob=True, stride=f.stride)
-            return f.window(k, k, (0, 0))
+            return f.window(k, k, (0, 0), channelwise=True)
         notes.append(f"{where}: adaptive pooling {src} -> {dst} with uneven windows, field taken as the whole input")
         return _F(glob=True, stride=f.stride)
 
@@ -262,7 +295,7 @@ class _Propagator:
             stride = arg(2, "stride", None)
             s = _pair(stride if stride not in (None, [], ()) else k)
             d = _pair(arg(4, "dilation", 1)) if t in (F.max_pool2d, torch.max_pool2d) else (1, 1)
-            return f.window(k, s, _pair(arg(3, "padding", 0)), d)
+            return f.window(k, s, _pair(arg(3, "padding", 0)), d, channelwise=True)
         if t in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
             return self._adaptive(node, f, notes, self.traced.node_name(node) or node.name)
         if t is F.pad:
@@ -272,6 +305,28 @@ class _Propagator:
             if len(pad) >= 2:
                 return f.shift(0, int(pad[0]))
         return None
+
+    @staticmethod
+    def _cat_dim(node: fx.Node) -> int:
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        return dim + 4 if isinstance(dim, int) and dim < 0 else dim
+
+    def _segments(self, node: fx.Node, parts: list[fx.Node]) -> tuple | None:
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
+        out, start = [], 0
+        for t in tensors:
+            if not isinstance(t, fx.Node) or t not in self.fields:
+                return None
+            shape = getattr(t.meta.get("tensor_meta"), "shape", None)
+            if shape is None:
+                return None
+            f = self.fields[t]
+            if f.segments:  # nested concat: keep the finer split
+                out.extend((start + a, start + b, g) for a, b, g in f.segments)
+            else:
+                out.append((start, start + shape[1], f))
+            start += shape[1]
+        return tuple(out)
 
     def _generic(self, node: fx.Node, inputs: list[fx.Node], notes) -> _F | None:
         maps = [a for a in inputs if _is_map(a)]
@@ -283,8 +338,12 @@ class _Propagator:
             same = [a for a in maps if _spatial(a) == out_spatial]
             gates = [a for a in maps if _spatial(a) == (1, 1) and out_spatial != (1, 1)]
             if same and len(same) + len(gates) == len(maps):
-                # Pointwise op or concat of branches: union of the fields.
-                return _union([self.fields[a] for a in same + gates])
+                if len(same) == 1 and not gates:
+                    return self.fields[same[0]]  # pointwise: BN, activations, dropout, LRN
+                union = _union([self.fields[a] for a in same + gates])
+                if node.target is torch.cat and not gates and self._cat_dim(node) == 1:
+                    union.segments = self._segments(node, same)
+                return union
             notes.append(f"{where}: op {node.target} changes the spatial size in a way not analysed; field taken as the whole input")
             return _F(glob=True, stride=self.fields[inputs[0]].stride)
         if any(not self.fields[a].glob for a in inputs) or notes is not None:
@@ -314,9 +373,16 @@ def _dummy(model: nn.Module, input_size, in_channels: int | None, order: list[st
 
 def _to_public(layer: str, f: _F, notes: list[str], input_size, output_size, exact: bool) -> ReceptiveField:
     h, w = _pair(input_size)
+    channels = ()
+    if f.segments:
+        channels = tuple(
+            (a, b, _to_public(f"{layer}[{a}:{b}]", g, [], input_size, output_size, exact)) for a, b, g in f.segments
+        )
     if f.glob:
-        return ReceptiveField(layer, (h, w), tuple(f.stride), (0, 0), (h, w), output_size, True, exact, tuple(notes))
-    return ReceptiveField(layer, tuple(f.size), tuple(f.stride), tuple(f.offset), (h, w), output_size, False, exact, tuple(notes))
+        return ReceptiveField(layer, (h, w), tuple(f.stride), (0, 0), (h, w), output_size, True, exact, tuple(notes), channels)
+    return ReceptiveField(
+        layer, tuple(f.size), tuple(f.stride), tuple(f.offset), (h, w), output_size, False, exact, tuple(notes), channels
+    )
 
 
 def receptive_fields(

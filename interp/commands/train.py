@@ -14,7 +14,6 @@ import importlib
 import json
 import platform
 import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -97,6 +96,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this run (from the parsed arguments, not sys.argv)."""
+    parts = ["cnn-internals", "train", args.model]
+    for flag, value in (
+        ("--data", args.data), ("--epochs", args.epochs), ("--batch-size", args.batch_size),
+        ("--lr", args.lr), ("--limit", args.limit), ("--device", args.device),
+        ("--workers", args.workers), ("--threads", args.threads), ("--seed", args.seed), ("--out", args.out),
+    ):
+        if value is not None:
+            parts += [flag, str(value)]
+    if args.fast:
+        parts.append("--fast")
+    return " ".join(shlex.quote(p) for p in parts)
+
+
 def _export(args: argparse.Namespace, spec, history: list[dict[str, Any]], out: Path) -> None:
     """Write the final (last-epoch) weights as safetensors and a JSON record of the run."""
     import torch
@@ -116,6 +130,8 @@ def _export(args: argparse.Namespace, spec, history: list[dict[str, Any]], out: 
         "train_images": len(spec.train_set),
         "eval_set": spec.val_name,
         "eval_images": len(spec.val_set) if spec.val_set is not None else 0,
+        "eval_top1": last.get("val_top1"),
+        "eval_correct": round(last["val_top1"] * len(spec.val_set)) if "val_top1" in last else None,
         "final": {k: v for k, v in last.items() if k.startswith("val_")},
         "train_seconds": sum(h["seconds"] for h in history),
         "seconds_per_epoch": sum(h["seconds"] for h in history) / len(history),
@@ -123,8 +139,7 @@ def _export(args: argparse.Namespace, spec, history: list[dict[str, Any]], out: 
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "command": "cnn-internals train " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-        if Path(sys.argv[0]).name == "cnn-internals" else None,
+        "command": _command(args),
         "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     (out / f"{args.model}.json").write_text(json.dumps(record, indent=2) + "\n")
