@@ -64,12 +64,15 @@ torch.Size([1, 10])
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 
-__all__ = ["AlexNet", "load", "NUM_PARAMETERS"]
+if TYPE_CHECKING:
+    from .imagenette import DatasetStats
+
+__all__ = ["training_setup", "AlexNet", "load", "NUM_PARAMETERS"]
 
 NUM_PARAMETERS = 58_322_314
 
@@ -92,11 +95,11 @@ class AlexNet(nn.Module):
         self.layer_aliases: dict[str, str] = {}
         self.conv1 = nn.Conv2d(3, 96, kernel_size=11, stride=4, padding=2)
         self.relu1 = nn.ReLU()
-        self.lrn1 = nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)
+        self.lrn1 = nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2)
         self.pool1 = nn.MaxPool2d(kernel_size=3, stride=2)
         self.conv2 = nn.Conv2d(96, 256, kernel_size=5, padding=2)
         self.relu2 = nn.ReLU()
-        self.lrn2 = nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)
+        self.lrn2 = nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2)
         self.pool2 = nn.MaxPool2d(kernel_size=3, stride=2)
         self.conv3 = nn.Conv2d(256, 384, kernel_size=3, padding=1)
         self.relu3 = nn.ReLU()
@@ -139,6 +142,7 @@ def load(
     weights: str | os.PathLike | None = None,
     num_classes: int = 10,
     data_root: str | os.PathLike | None = None,
+    stats: "DatasetStats | None" = None,
     **kwargs,
 ) -> tuple[nn.Module, Callable]:
     """AlexNet in eval mode and its evaluation preprocess.
@@ -153,6 +157,9 @@ def load(
     data_root:
         Where Imagenette is, for the mean image of the preprocess (see
         :func:`adapters.recipes.eval_preprocess`).
+    stats:
+        Dataset statistics for the preprocess; default: the cached Imagenette
+        training statistics (:func:`adapters.imagenette.dataset_stats`).
     **kwargs:
         Passed to :class:`AlexNet` (``dropout``).
 
@@ -165,4 +172,16 @@ def load(
     """
     from .recipes import finish_load
 
-    return finish_load(AlexNet(num_classes=num_classes, **kwargs), "alexnet", weights, data_root)
+    return finish_load(AlexNet(num_classes=num_classes, **kwargs), "alexnet", weights, data_root, stats)
+
+
+def training_setup(
+    data_root: str | os.PathLike | None = None,
+    limit: int | None = None,
+    fast: bool = False,
+    image_size: int | None = None,
+):
+    """The ``cnn-internals train alexnet`` setup: see :func:`adapters.recipes.training_setup`."""
+    from .recipes import training_setup as setup
+
+    return setup("alexnet", data_root=data_root, limit=limit, fast=fast, image_size=image_size)

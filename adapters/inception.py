@@ -53,12 +53,15 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 
-__all__ = ["Inception", "InceptionNet", "INCEPTION_CONFIG", "load", "NUM_PARAMETERS"]
+if TYPE_CHECKING:
+    from .imagenette import DatasetStats
+
+__all__ = ["training_setup", "Inception", "InceptionNet", "INCEPTION_CONFIG", "load", "NUM_PARAMETERS"]
 
 NUM_PARAMETERS = 5_998_362
 
@@ -197,6 +200,7 @@ def load(
     weights: str | os.PathLike | None = None,
     num_classes: int = 10,
     data_root: str | os.PathLike | None = None,
+    stats: "DatasetStats | None" = None,
     **kwargs,
 ) -> tuple[nn.Module, Callable]:
     """InceptionNet in eval mode and its evaluation preprocess.
@@ -210,6 +214,9 @@ def load(
         Output classes (10 for Imagenette).
     data_root:
         Where Imagenette is, for the mean/std of the preprocess.
+    stats:
+        Dataset statistics for the preprocess; default: the cached Imagenette
+        training statistics (:func:`adapters.imagenette.dataset_stats`).
     **kwargs:
         Passed to :class:`InceptionNet` (``dropout``).
 
@@ -220,4 +227,16 @@ def load(
     """
     from .recipes import finish_load
 
-    return finish_load(InceptionNet(num_classes=num_classes, **kwargs), "inception", weights, data_root)
+    return finish_load(InceptionNet(num_classes=num_classes, **kwargs), "inception", weights, data_root, stats)
+
+
+def training_setup(
+    data_root: str | os.PathLike | None = None,
+    limit: int | None = None,
+    fast: bool = False,
+    image_size: int | None = None,
+):
+    """The ``cnn-internals train inception`` setup: see :func:`adapters.recipes.training_setup`."""
+    from .recipes import training_setup as setup
+
+    return setup("inception", data_root=data_root, limit=limit, fast=fast, image_size=image_size)

@@ -44,12 +44,15 @@ weight 1 and bias 0 (:func:`adapters.recipes.init_weights`).
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 
-__all__ = ["MobileNetV1", "load", "NUM_PARAMETERS", "BLOCKS", "is_depthwise"]
+if TYPE_CHECKING:
+    from .imagenette import DatasetStats
+
+__all__ = ["training_setup", "MobileNetV1", "load", "NUM_PARAMETERS", "BLOCKS", "is_depthwise"]
 
 NUM_PARAMETERS = 3_217_226
 
@@ -130,6 +133,7 @@ def load(
     num_classes: int = 10,
     width_mult: float = 1.0,
     data_root: str | os.PathLike | None = None,
+    stats: "DatasetStats | None" = None,
     **kwargs,
 ) -> tuple[nn.Module, Callable]:
     """MobileNet v1 in eval mode and its evaluation preprocess.
@@ -145,6 +149,9 @@ def load(
         Width multiplier alpha (1.0 for the Imagenette recipe).
     data_root:
         Where Imagenette is, for the mean/std of the preprocess.
+    stats:
+        Dataset statistics for the preprocess; default: the cached Imagenette
+        training statistics (:func:`adapters.imagenette.dataset_stats`).
     **kwargs:
         Passed to :class:`MobileNetV1` (none at present).
 
@@ -156,4 +163,16 @@ def load(
     from .recipes import finish_load
 
     model = MobileNetV1(num_classes=num_classes, width_mult=width_mult, **kwargs)
-    return finish_load(model, "mobilenet", weights, data_root)
+    return finish_load(model, "mobilenet", weights, data_root, stats)
+
+
+def training_setup(
+    data_root: str | os.PathLike | None = None,
+    limit: int | None = None,
+    fast: bool = False,
+    image_size: int | None = None,
+):
+    """The ``cnn-internals train mobilenet`` setup: see :func:`adapters.recipes.training_setup`."""
+    from .recipes import training_setup as setup
+
+    return setup("mobilenet", data_root=data_root, limit=limit, fast=fast, image_size=image_size)

@@ -418,14 +418,17 @@ class Recipe:
             params = [p for p in source if p.requires_grad]
         return _OPTIMIZERS[self.optimizer](params, lr=self.lr, **kwargs)
 
-    def make_scheduler(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int = 1) -> EpochScheduler | None:
+    def make_scheduler(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int = 1) -> EpochScheduler:
         """The LR scheduler wrapped for a per-batch loop (see :class:`EpochScheduler`).
 
         ``steps_per_epoch`` is the number of batches per epoch; 1 means the
-        caller steps once per epoch. ``None`` when the recipe has no schedule.
+        caller steps once per epoch. A recipe without a schedule gets a
+        constant one.
         """
         if self.scheduler is None:
-            return None
+            # A constant schedule, so that a per-batch loop can still call step().
+            inner = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=1.0)
+            return EpochScheduler(inner, steps_per_epoch, None)
         kwargs = dict(self.scheduler_kwargs)
         if self.scheduler == "reduce_on_plateau":
             # Top-1 accuracy: larger is better.

@@ -37,12 +37,15 @@ weight 1 and bias 0 (:func:`adapters.recipes.init_weights`).
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 
-__all__ = ["ResNet18", "load", "NUM_PARAMETERS", "BLOCKS", "TORCHVISION_NAMES"]
+if TYPE_CHECKING:
+    from .imagenette import DatasetStats
+
+__all__ = ["training_setup", "ResNet18", "load", "NUM_PARAMETERS", "BLOCKS", "TORCHVISION_NAMES"]
 
 NUM_PARAMETERS = 11_181_642
 
@@ -94,7 +97,7 @@ class ResNet18(nn.Module):
         self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu1 = nn.ReLU()
-        self.pool1 = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.pool1 = nn.MaxPool2d(kernel_size=(3, 3), stride=(2, 2), padding=(1, 1))  # printed with tuples
         for a, cin, cout, stride, proj in BLOCKS:
             # Registration order = the printout's order: both convs of the
             # block, then its projection.
@@ -157,6 +160,7 @@ def load(
     weights: str | os.PathLike | None = None,
     num_classes: int = 10,
     data_root: str | os.PathLike | None = None,
+    stats: "DatasetStats | None" = None,
     **kwargs,
 ) -> tuple[nn.Module, Callable]:
     """ResNet-18 in eval mode and its evaluation preprocess.
@@ -170,6 +174,9 @@ def load(
         Output classes (10 for Imagenette).
     data_root:
         Where Imagenette is, for the mean/std of the preprocess.
+    stats:
+        Dataset statistics for the preprocess; default: the cached Imagenette
+        training statistics (:func:`adapters.imagenette.dataset_stats`).
     **kwargs:
         Passed to :class:`ResNet18` (none at present).
 
@@ -180,4 +187,16 @@ def load(
     """
     from .recipes import finish_load
 
-    return finish_load(ResNet18(num_classes=num_classes, **kwargs), "resnet18", weights, data_root)
+    return finish_load(ResNet18(num_classes=num_classes, **kwargs), "resnet18", weights, data_root, stats)
+
+
+def training_setup(
+    data_root: str | os.PathLike | None = None,
+    limit: int | None = None,
+    fast: bool = False,
+    image_size: int | None = None,
+):
+    """The ``cnn-internals train resnet18`` setup: see :func:`adapters.recipes.training_setup`."""
+    from .recipes import training_setup as setup
+
+    return setup("resnet18", data_root=data_root, limit=limit, fast=fast, image_size=image_size)

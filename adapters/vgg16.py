@@ -35,12 +35,15 @@ Initialisation: Kaiming normal conv/linear weights, zero biases
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 
-__all__ = ["VGG16", "load", "NUM_PARAMETERS", "CONV_CHANNELS"]
+if TYPE_CHECKING:
+    from .imagenette import DatasetStats
+
+__all__ = ["training_setup", "VGG16", "load", "NUM_PARAMETERS", "CONV_CHANNELS"]
 
 NUM_PARAMETERS = 134_301_514
 
@@ -100,6 +103,7 @@ def load(
     weights: str | os.PathLike | None = None,
     num_classes: int = 10,
     data_root: str | os.PathLike | None = None,
+    stats: "DatasetStats | None" = None,
     **kwargs,
 ) -> tuple[nn.Module, Callable]:
     """VGG-16 in eval mode and its evaluation preprocess.
@@ -113,6 +117,9 @@ def load(
         Output classes (10 for Imagenette).
     data_root:
         Where Imagenette is, for the mean/std of the preprocess.
+    stats:
+        Dataset statistics for the preprocess; default: the cached Imagenette
+        training statistics (:func:`adapters.imagenette.dataset_stats`).
     **kwargs:
         Passed to :class:`VGG16` (``dropout``).
 
@@ -123,4 +130,16 @@ def load(
     """
     from .recipes import finish_load
 
-    return finish_load(VGG16(num_classes=num_classes, **kwargs), "vgg16", weights, data_root)
+    return finish_load(VGG16(num_classes=num_classes, **kwargs), "vgg16", weights, data_root, stats)
+
+
+def training_setup(
+    data_root: str | os.PathLike | None = None,
+    limit: int | None = None,
+    fast: bool = False,
+    image_size: int | None = None,
+):
+    """The ``cnn-internals train vgg16`` setup: see :func:`adapters.recipes.training_setup`."""
+    from .recipes import training_setup as setup
+
+    return setup("vgg16", data_root=data_root, limit=limit, fast=fast, image_size=image_size)
