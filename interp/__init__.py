@@ -10,11 +10,19 @@ project(model, images, layer, units, method="guided")
 
 The engine knows nothing about specific models; see :mod:`adapters` for those.
 """
-from .layers import layers
-from .rf import ReceptiveField, receptive_field
+from .layers import conv_layers, layers, resolve_layer
+from .rf import ReceptiveField, receptive_field, receptive_fields
 from .project import project
 
-__all__ = ["layers", "receptive_field", "ReceptiveField", "project"]
+__all__ = [
+    "layers",
+    "conv_layers",
+    "resolve_layer",
+    "receptive_field",
+    "receptive_fields",
+    "ReceptiveField",
+    "project",
+]
 __version__ = "0.1.0"
 
 # Top-k mining, panels and the visualize pipeline (issue 4).

@@ -61,6 +61,7 @@ class Traced:
     names: dict[str, fx.Node] = field(default_factory=dict)  # public name -> node
     functional: list[str] = field(default_factory=list)  # names of functional nodes, in order
     module_order: list[str] = field(default_factory=list)  # leaf module paths in call order
+    _truncated: dict[str, fx.GraphModule] = field(default_factory=dict, repr=False)
 
     def node_name(self, node: fx.Node) -> str | None:
         for name, n in self.names.items():
@@ -74,6 +75,8 @@ class Traced:
         Submodules and parameters are shared with the traced model (not
         copied), so the truncated module computes with the user's weights.
         """
+        if name in self._truncated:
+            return self._truncated[name]
         target = self.names[name]
         graph = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
@@ -84,8 +87,11 @@ class Traced:
             if node is target:
                 break
         graph.output(env[target])
-        graph.eliminate_dead_code()
-        return fx.GraphModule(self.root, graph)
+        gm = fx.GraphModule(self.root, graph)
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        self._truncated[name] = gm
+        return gm
 
 
 def _op_name(node: fx.Node) -> str:

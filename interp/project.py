@@ -37,20 +37,27 @@ def forward_to(model: nn.Module, ref: LayerRef, x: torch.Tensor) -> torch.Tensor
     aborts the rest of the forward; a functional node with a truncated fx
     graph that shares the model's modules and parameters.
     """
-    if ref.traced:
-        return trace(model).truncated(ref.name)(x)
     captured: list[torch.Tensor] = []
 
     def hook(module, inputs, output):
         captured.append(output)
         raise _Stop
 
-    with HookSet() as hooks:
-        hooks.forward(ref.module, hook)
-        try:
-            model(x)
-        except _Stop:
-            pass
+    try:
+        if ref.traced:
+            return trace(model).truncated(ref.name)(x)
+        with HookSet() as hooks:
+            hooks.forward(ref.module, hook)
+            try:
+                model(x)
+            except _Stop:
+                pass
+    except (RuntimeError, TypeError, IndexError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise ValueError(
+            f"model forward failed on images of shape {tuple(x.shape)}: {first}. "
+            "Check the channels/size and the model's preprocessing."
+        ) from exc
     if not captured:
         raise ValueError(f"layer {ref.name!r} was not called by the model's forward pass")
     out = captured[0]

@@ -239,7 +239,8 @@ def test_batch_size_does_not_change_results_and_aliases_resolve():
     units = [(n, c, 3, 4) for n in range(3) for c in range(3)]
     a = interp.project(model, images, "conv3", units, batch_size=2)
     b = interp.project(model, images, "features.6", units, batch_size=9)
-    assert torch.equal(a, b)
+    assert a.abs().sum() > 0
+    assert rel_diff(a, b) < 1e-5  # conv kernels may sum in another order per batch size
 
 
 def _snapshot(model):
