@@ -1,0 +1,60 @@
+"""The engine's CLI verbs: layers and rf."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import interp
+from interp.cli import main
+
+
+def test_rf_json_prints_every_layer(capsys):
+    assert main(["rf", "torchvision:vgg16", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    by_name = {d["layer"]: d for d in data["layers"]}
+    assert by_name["features.0"]["size"] == [3, 3] and by_name["features.0"]["offset"] == [-1, -1]
+    # conv13 of VGG-16 (features.28): the textbook 196 px field, stride 16.
+    assert by_name["features.28"]["size"] == [196, 196] and by_name["features.28"]["stride"] == [16, 16]
+    assert by_name["features.30"]["size"] == [212, 212]
+
+
+def test_layers_and_file_factory(tmp_path, capsys):
+    src = tmp_path / "net.py"
+    src.write_text(
+        "import torch.nn as nn, torch.nn.functional as F\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(); self.a = nn.Conv2d(3, 4, 3); self.b = nn.Conv2d(4, 4, 3)\n"
+        "    def forward(self, x):\n"
+        "        return self.b(F.relu(self.a(x))) + 1\n"
+        "def make():\n"
+        "    return Net()\n"
+    )
+    assert main(["layers", f"{src}:make", "--json"]) == 0
+    names = json.loads(capsys.readouterr().out)
+    assert names == ["a", "b", "relu", "add"]
+    assert main(["rf", f"{src}:make", "--input-size", "16", "--layers", "b"]) == 0
+    assert "5x5" in capsys.readouterr().out
+
+
+def test_errors_are_one_line():
+    proc = subprocess.run(
+        [sys.executable, "-m", "interp.cli", "rf", "torchvision:resnet18", "--layers", "layer1.0.cnv1"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "closest: layer1.0.conv1" in lines[0]
+
+
+def test_convN_alias_is_nth_conv_in_forward_order():
+    import torchvision
+
+    model = torchvision.models.resnet18()
+    convs = interp.conv_layers(model)
+    # forward order puts the downsample conv after the block's two convs
+    assert convs[:8] == ["conv1", "layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1", "layer1.1.conv2",
+                         "layer2.0.conv1", "layer2.0.conv2", "layer2.0.downsample.0"]
+    assert interp.resolve_layer(model, "conv8").name == "layer2.0.downsample.0"
