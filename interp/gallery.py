@@ -39,7 +39,7 @@ section.layer h2{font-size:17px;margin:4px 0}
 #viewer{position:fixed;right:0;top:52px;width:320px;padding:10px;background:#fff;border-left:1px solid #ddd;
   height:calc(100vh - 72px);overflow:auto}
 #viewer .frame{position:relative;width:300px;line-height:0;background:#888}
-#viewer-img{width:100%;image-rendering:pixelated}
+#viewer-img{width:100%;height:100%;image-rendering:pixelated}
 #viewer-box{position:absolute;border:2px solid #f22;box-shadow:0 0 0 1px #fff;box-sizing:border-box;display:none}
 #viewer-caption{font-size:12px;line-height:1.4;margin-top:8px;word-break:break-all}
 .hint{font-size:12px;color:#666}
@@ -49,12 +49,16 @@ _JS = """
 (function(){
   var viewer = document.getElementById('viewer');
   var img = document.getElementById('viewer-img');
+  var frame = viewer.querySelector('.frame');
   var box = document.getElementById('viewer-box');
   var caption = document.getElementById('viewer-caption');
   var pinned = null;
   function show(tile){
     var b = tile.getAttribute('data-box').split(',').map(Number);
     var h = Number(tile.getAttribute('data-h')), w = Number(tile.getAttribute('data-w'));
+    // Size the frame from the known input size, so the box is right even
+    // before the image has loaded.
+    frame.style.aspectRatio = w + ' / ' + h;
     img.src = tile.getAttribute('data-input');
     box.style.top = (100 * b[0] / h) + '%';
     box.style.left = (100 * b[1] / w) + '%';

@@ -1,0 +1,147 @@
+"""The static HTML gallery, loaded in headless Chromium from file://."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import interp
+from interp.cli import main
+from interp.data import ArrayImages
+from interp.gallery import write_gallery
+
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
+    "--disable-component-update", "--disable-sync", "--virtual-time-budget=5000",
+]
+
+# Injected before the page's own code: records JS errors, failed resource
+# loads and console.error calls; after load it clicks the first tile and
+# writes a JSON report into the DOM for --dump-dom.
+PROBE = """<script>
+window.__errs = [];
+window.addEventListener('error', function (e) {
+  window.__errs.push(e.message || ('failed to load ' + (e.target && (e.target.src || e.target.href))));
+}, true);
+(function () { var o = console.error; console.error = function () {
+  window.__errs.push('console.error: ' + Array.prototype.join.call(arguments, ' ')); o.apply(console, arguments); }; })();
+window.addEventListener('load', function () {
+  var tiles = document.querySelectorAll('.tile'), broken = 0;
+  document.querySelectorAll('img[src]').forEach(function (i) { if (i.complete && i.naturalWidth === 0) broken++; });
+  if (tiles.length) tiles[tiles.length - 1].click();
+  var vi = document.getElementById('viewer-img');
+  if (vi.complete) { setTimeout(finish, 0); } else { vi.addEventListener('load', finish); vi.addEventListener('error', finish); }
+  function finish() {
+  var box = document.getElementById('viewer-box').getBoundingClientRect();
+  var frame = document.querySelector('#viewer .frame').getBoundingClientRect();
+  var visible = document.querySelectorAll('img.proj').length ? Array.prototype.filter.call(
+      document.querySelectorAll('img.proj'), function (i) { return i.offsetParent !== null; }).length : 0;
+  var r = document.createElement('pre'); r.id = '__report';
+  r.textContent = JSON.stringify({errors: window.__errs, tiles: tiles.length, broken: broken,
+    shown: document.getElementById('viewer').getAttribute('data-shown'),
+    box: [box.top - frame.top, box.left - frame.left, box.width, box.height], frame: [frame.width, frame.height],
+    visibleProj: visible});
+  document.body.appendChild(r);
+  }
+});
+</script>"""
+
+
+def chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.fail("chromium not found: the gallery test needs Debian's chromium "
+                "(`.ci/run` installs it; locally: apt-get install -y chromium)")
+
+
+def load_in_chromium(index: Path, tmp_path: Path) -> dict:
+    probe_page = index.with_name("probe.html")
+    html = index.read_text(encoding="utf-8")
+    probe_page.write_text(html.replace("<head>", "<head>" + PROBE, 1), encoding="utf-8")
+    try:
+        proc = subprocess.run(
+            [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr",
+             "--v=0", "--dump-dom", probe_page.as_uri()],
+            capture_output=True, text=True, timeout=90,
+        )
+    finally:
+        probe_page.unlink()
+    m = re.search(r'<pre id="__report">(.*?)</pre>', proc.stdout, re.S)
+    assert m, f"no report in Chromium's DOM dump (rc {proc.returncode}): {proc.stderr[-2000:]}"
+    report = json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    # Console messages Chromium logs itself (uncaught errors are "CONSOLE" lines).
+    report["console"] = [line for line in proc.stderr.splitlines()
+                         if "CONSOLE" in line or "Uncaught" in line]
+    return report
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(1, 6, 3)
+        self.act = nn.Tanh()
+        self.conv2 = nn.Conv2d(6, 6, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv2(self.act(self.conv1(x)))
+
+
+@pytest.fixture(scope="module")
+def gallery_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gallery")
+    pixels = np.random.default_rng(0).integers(0, 256, size=(12, 16, 16), dtype=np.uint8)
+    data = ArrayImages(pixels, lambda im: torch.from_numpy(np.asarray(im, np.float32)[None] / 255.0), mode="L")
+    interp.visualize(Net().eval(), data, out, ["conv1", "conv2"], k=5, methods=["guided", "deconvnet"],
+                     model_id="net", progress=False)
+    return out
+
+
+def test_gallery_loads_without_errors_and_shows_every_tile(gallery_dir, tmp_path):
+    report = load_in_chromium(gallery_dir / "index.html", tmp_path)
+    assert report["errors"] == [] and report["console"] == []
+    assert report["tiles"] == 2 * 6 * 5
+    assert report["broken"] == 0
+    assert report["visibleProj"] == 2 * 6 * 5  # one projection per tile: the selected method's
+    # The click on the last tile (conv2, channel 5, rank 5) drew its box on the input.
+    manifest = json.loads((gallery_dir / "gallery.json").read_text())
+    tile = manifest["layers"][1]["channels"][5]["tiles"][4]
+    assert report["shown"] == "t1-5-4"
+    top, left, bottom, right = tile["box"]
+    fw, fh = report["frame"]
+    expected = [top / 16 * fh, left / 16 * fw, (right - left) / 16 * fw, (bottom - top) / 16 * fh]
+    np.testing.assert_allclose(report["box"], expected, atol=1.5)
+
+
+def test_gallery_probe_catches_a_missing_file(gallery_dir, tmp_path):
+    # The check above is only worth something if a broken page fails it.
+    broken = tmp_path / "copy"
+    shutil.copytree(gallery_dir, broken)
+    (broken / "assets" / "conv1" / "crops" / "c0_r0.png").unlink()
+    shown = json.loads((broken / "gallery.json").read_text())["layers"][1]["channels"][5]["tiles"][4]["input"]
+    (broken / shown).unlink()  # the input the probe's click shows
+    with pytest.raises(FileNotFoundError, match="missing"):
+        write_gallery(broken)
+    report = load_in_chromium(broken / "index.html", tmp_path)
+    assert report["broken"] == 1 and len(report["errors"]) == 2  # the crop, then the clicked input
+
+
+def test_gallery_command_rewrites_index(gallery_dir, capsys):
+    (gallery_dir / "index.html").unlink()
+    assert main(["gallery", str(gallery_dir)]) == 0
+    assert "60 tiles" in capsys.readouterr().out
+    assert (gallery_dir / "index.html").is_file()
+
+
+def test_gallery_command_on_a_folder_without_manifest(tmp_path, capsys):
+    assert main(["gallery", str(tmp_path)]) == 2
+    assert "no gallery.json" in capsys.readouterr().err

@@ -1,0 +1,200 @@
+"""``cnn-internals visualize`` end to end, data errors, and model hygiene."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import interp
+from interp.cli import main
+from interp.data import open_images
+from interp.topk import TopK
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+IMAGENETTE_VAL = DATA / "imagenette2-160" / "val"
+
+
+def imagenette_folder(dst: Path, n_per_class: int = 1, classes: int = 4) -> Path:
+    """A small ImageFolder copy of Imagenette val images."""
+    if not IMAGENETTE_VAL.is_dir():
+        pytest.fail(f"test data missing: {IMAGENETTE_VAL} (see ../shared/data/MANIFEST.md)")
+    for wnid in sorted(p.name for p in IMAGENETTE_VAL.iterdir())[:classes]:
+        (dst / wnid).mkdir(parents=True)
+        for f in sorted((IMAGENETTE_VAL / wnid).iterdir())[:n_per_class]:
+            shutil.copy(f, dst / wnid / f.name)
+    return dst
+
+
+FACTORY = '''
+import torch
+from torch import nn
+from torchvision.transforms import v2 as T
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(inplace=True),
+        )
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def build():
+    torch.manual_seed(0)
+    pre = T.Compose([T.ToImage(), T.Resize(40, antialias=True), T.CenterCrop(32),
+                     T.ToDtype(torch.float32, scale=True), T.Normalize([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])])
+    return Tiny(), pre
+'''
+
+
+def _factory(tmp_path: Path) -> str:
+    (tmp_path / "tiny_model.py").write_text(FACTORY)
+    return f"{tmp_path / 'tiny_model.py'}:build"
+
+
+def test_visualize_resnet18_on_imagenette(tmp_path, capsys):
+    data = imagenette_folder(tmp_path / "imgs", n_per_class=1, classes=4)
+    out = tmp_path / "out"
+    rc = main(["visualize", "torchvision:resnet18", "--data", str(data), "--layers", "conv1,layer1.0.conv2",
+               "--top", "3", "--method", "guided,deconvnet", "--out", str(out), "--batch-size", "4"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "index.html" in printed and "topk.json" in printed
+    for layer in ("conv1", "layer1.0.conv2"):
+        for method in ("guided", "deconvnet"):
+            assert (out / f"torchvision-resnet18_{layer}_{method}.png").is_file()
+    tk = TopK.load(out / "topk.json")
+    assert list(tk.layers) == ["conv1", "layer1.0.conv2"]
+    assert tk.input_size == (224, 224) and tk.n_images == 4
+    files = sorted(str(p) for p in data.rglob("*.JPEG"))
+    for e in tk.iter_entries("layer1.0.conv2"):
+        assert e.path == files[e.index]
+    assert tk.layers["conv1"].number == 1 and tk.layers["layer1.0.conv2"].number == 3
+    html = (out / "index.html").read_text()
+    assert html.count('class="tile"') == 2 * 6 * 3
+    assert not [p for p in out.rglob(".*") if p.is_file()]  # no temporary files left behind
+
+
+def test_visualize_file_factory_model_all_conv_and_redraw(tmp_path, capsys):
+    spec = _factory(tmp_path)
+    data = imagenette_folder(tmp_path / "imgs", n_per_class=2, classes=3)
+    out = tmp_path / "out"
+    assert main(["visualize", spec, "--data", str(data), "--layers", "all-conv", "--channels", "0-2",
+                 "--top", "3", "--out", str(out)]) == 0
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["tiny_model_features.0_guided.png", "tiny_model_features.3_guided.png"]
+    tk = TopK.load(out / "topk.json")
+    assert tk.channels("features.3") == [0, 1, 2]
+    # Redraw from topk.json with another method, without mining.
+    before = (out / "topk.json").read_text()
+    assert main(["visualize", spec, "--data", str(data), "--topk", str(out / "topk.json"),
+                 "--method", "gradient", "--out", str(out)]) == 0
+    assert (out / "tiny_model_features.3_gradient.png").is_file()
+    assert "mining 0.0 s" in capsys.readouterr().out
+    assert json.loads((out / "topk.json").read_text()) == json.loads(before)
+
+
+def test_raw_images_are_unnormalised_model_geometry(tmp_path):
+    from torchvision.transforms import v2 as T
+
+    data_dir = imagenette_folder(tmp_path / "imgs", n_per_class=1, classes=2)
+    pre = T.Compose([T.ToImage(), T.Resize(40, antialias=True), T.CenterCrop(32),
+                     T.ToDtype(torch.float32, scale=True), T.Normalize([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])])
+    ds = open_images(data_dir, pre)
+    x, idx = ds[1]
+    raw = ds.raw(1)
+    assert idx == 1 and raw.shape == (32, 32, 3)
+    np.testing.assert_allclose(raw, (x.permute(1, 2, 0).numpy() * 0.25 + 0.5).clip(0, 1), atol=1e-5)
+    assert ds.path(1).endswith(".JPEG")
+
+
+def test_corrupt_image_is_named_and_can_be_skipped(tmp_path, capsys):
+    spec = _factory(tmp_path)
+    data = imagenette_folder(tmp_path / "imgs", n_per_class=1, classes=3)
+    bad = data / "n01440764" / "zz_broken.JPEG"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    rc = main(["visualize", spec, "--data", str(data), "--top", "2", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "zz_broken.JPEG" in err and "--skip-corrupt" in err
+    last = err.strip().splitlines()[-1]  # (lines above: the progress bar)
+    assert last.startswith("cnn-internals visualize: error: cannot read image") and "zz_broken.JPEG" in last
+    assert not (tmp_path / "out" / "topk.json").exists()
+    with pytest.warns(UserWarning, match="zz_broken.JPEG"):
+        rc = main(["visualize", spec, "--data", str(data), "--top", "2", "--skip-corrupt",
+                   "--out", str(tmp_path / "out")])
+    assert rc == 0 and TopK.load(tmp_path / "out" / "topk.json").n_images == 3
+
+
+def test_empty_folder_and_missing_path(tmp_path, capsys):
+    spec = _factory(tmp_path)
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    assert main(["visualize", spec, "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    assert "no images found in" in capsys.readouterr().err
+    assert main(["visualize", spec, "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "data path not found" in capsys.readouterr().err
+
+
+def test_fewer_images_than_top(tmp_path):
+    spec = _factory(tmp_path)
+    data = imagenette_folder(tmp_path / "imgs", n_per_class=1, classes=2)
+    assert main(["visualize", spec, "--data", str(data), "--top", "9", "--layers", "features.3",
+                 "--out", str(tmp_path / "out")]) == 0
+    manifest = json.loads((tmp_path / "out" / "gallery.json").read_text())
+    assert manifest["layers"][0]["title"] == "Layer 2 (features.3) - only 2 images, fewer than top-9"
+    assert all(len(ch["tiles"]) == 2 for ch in manifest["layers"][0]["channels"])
+
+
+def test_non_conv_layer_is_refused(tmp_path, capsys):
+    spec = _factory(tmp_path)
+    data = imagenette_folder(tmp_path / "imgs", n_per_class=1, classes=1)
+    assert main(["visualize", spec, "--data", str(data), "--layers", "features.1",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "not nn.Conv2d" in capsys.readouterr().err
+
+
+def _snapshot(model):
+    return [(n, m.training, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+            for n, m in model.named_modules()]
+
+
+def test_model_left_as_it_was_after_success_and_error(tmp_path):
+    import importlib.util
+
+    (tmp_path / "tiny_model.py").write_text(FACTORY)
+    spec = importlib.util.spec_from_file_location("tiny_model_t", tmp_path / "tiny_model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model, pre = mod.build()
+    model.train()
+    data_dir = imagenette_folder(tmp_path / "imgs", n_per_class=1, classes=3)
+    ds = open_images(data_dir, pre)
+    x = torch.stack([ds.item(i) for i in range(len(ds))])
+    before = _snapshot(model)
+    with torch.no_grad():
+        out = model(x)
+    interp.visualize(model, ds, tmp_path / "out", "all-conv", k=2, methods=["guided", "deconvnet"],
+                     progress=False)
+    assert _snapshot(model) == before
+    with torch.no_grad():
+        assert torch.equal(model(x), out)
+    # An unreadable image in the middle of mining: hooks are already registered.
+    Image.new("RGB", (8, 8)).save(data_dir / "n01440764" / "b.JPEG")
+    (data_dir / "n01440764" / "b.JPEG").write_bytes(b"broken")
+    ds = open_images(data_dir, pre)
+    with pytest.raises(ValueError, match="b.JPEG"):
+        interp.visualize(model, ds, tmp_path / "out2", "all-conv", k=2, batch_size=1, progress=False)
+    assert _snapshot(model) == before
+    with torch.no_grad():
+        assert torch.equal(model(x), out)
+    assert not (tmp_path / "out2").exists()
