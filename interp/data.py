@@ -36,6 +36,7 @@ __all__ = [
     "FileImages",
     "ArrayImages",
     "MNISTImages",
+    "TensorImages",
     "open_images",
     "collate_skipping",
     "display_transform",
@@ -291,6 +292,40 @@ class ArrayImages(IndexedImages):
         return f"{self.name}[{index}]"
 
 
+class TensorImages(IndexedImages):
+    """Images already preprocessed: a float tensor ``N x C x H x W``.
+
+    The un-normalised view (:meth:`raw`) is each image min-max rescaled to
+    [0, 1], since the normalisation that was applied is unknown.
+    """
+
+    def __init__(self, images: torch.Tensor, name: str = "images"):
+        super().__init__(None, None, False)
+        if not isinstance(images, torch.Tensor) or images.ndim != 4:
+            raise ValueError("expected an N x C x H x W tensor of model inputs")
+        self.images = images
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if index < 0 or index >= len(self):
+            raise IndexError(index)
+        return self.images[index], index
+
+    def item(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+    def raw(self, index: int) -> np.ndarray:
+        arr = _to_float_image(self.images[index])
+        lo, hi = float(arr.min()), float(arr.max())
+        return (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+
+    def describe(self, index: int) -> str:
+        return f"{self.name}[{index}]"
+
+
 class MNISTImages(IndexedImages):
     """A torchvision ``MNIST`` root (never downloads)."""
 
@@ -336,7 +371,12 @@ def collate_skipping(batch: list) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 def _list_images(root: Path) -> list[Path]:
-    files = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    files = [
+        p for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        # Hidden files/folders (.ipynb_checkpoints, macOS "._x.jpg") are not data.
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    ]
     # Sorted by path components: the class-then-file order of ImageFolder.
     files.sort(key=lambda p: p.relative_to(root).parts)
     return files

@@ -334,6 +334,16 @@ class _Propagator:
         if out_spatial is None:
             return None  # not a tensor (size(), getattr, ...)
         where = self.traced.node_name(node) or node.name
+        # A constant feature-map-shaped tensor (a learned positional bias,
+        # a coordinate grid) makes the output depend on absolute position:
+        # not a local, translation-equivariant field.
+        fixed = [
+            a for a in node.all_input_nodes
+            if a not in self.fields and _is_map(a) and _spatial(a) not in (None, (1, 1))
+        ]
+        if fixed:
+            notes.append(f"{where}: combines the input with a fixed position-dependent tensor; field taken as the whole input")
+            return _F(glob=True, stride=self.fields[inputs[0]].stride)
         if len(out_spatial) == 2 and maps:
             same = [a for a in maps if _spatial(a) == out_spatial]
             gates = [a for a in maps if _spatial(a) == (1, 1) and out_spatial != (1, 1)]
@@ -346,11 +356,11 @@ class _Propagator:
                 return union
             notes.append(f"{where}: op {node.target} changes the spatial size in a way not analysed; field taken as the whole input")
             return _F(glob=True, stride=self.fields[inputs[0]].stride)
-        if any(not self.fields[a].glob for a in inputs) or notes is not None:
-            if any(_is_map(a) for a in inputs):
-                notes.append(f"{where}: {getattr(node.target, '__name__', node.target)} mixes all positions, units see the whole input")
-            return _F(glob=True, stride=self.fields[inputs[0]].stride)
-        return None
+        # Output is no longer a feature map (flatten, linear, mean over H, W):
+        # every output value mixes all positions.
+        if maps:
+            notes.append(f"{where}: {getattr(node.target, '__name__', node.target)} mixes all positions, units see the whole input")
+        return _F(glob=True, stride=self.fields[inputs[0]].stride)
 
 
 def _in_channels(model: nn.Module, order: list[str]) -> int:
@@ -365,10 +375,10 @@ def _in_channels(model: nn.Module, order: list[str]) -> int:
     return 3
 
 
-def _dummy(model: nn.Module, input_size, in_channels: int | None, order: list[str]) -> torch.Tensor:
+def _dummy(model: nn.Module, input_size, in_channels: int | None, order: list[str], meta: bool = False) -> torch.Tensor:
     h, w = _pair(input_size)
     c = in_channels if in_channels is not None else _in_channels(model, order)
-    return torch.zeros(1, c, h, w, device=model_device(model))
+    return torch.zeros(1, c, h, w, device="meta" if meta else model_device(model))
 
 
 def _to_public(layer: str, f: _F, notes: list[str], input_size, output_size, exact: bool) -> ReceptiveField:
@@ -416,6 +426,26 @@ def receptive_fields(
                     raise
         return out
     refs = [resolve_layer(model, n) for n in layers] if layers else None
+    x_shape = tuple(_dummy(model, input_size, in_channels, traced.module_order, meta=True).shape)
+    cache = traced.__dict__.setdefault("_rf_cache", {})
+    if x_shape not in cache:
+        cache[x_shape] = _propagate(model, traced, input_size, in_channels)
+    gm, prop = cache[x_shape]
+    by_node = {n.name: n for n in gm.graph.nodes}
+    result: dict[str, ReceptiveField] = {}
+    wanted = [r.name for r in refs] if refs else list(traced.names)
+    for name in wanted:
+        node = by_node.get(traced.names[name].name) if name in traced.names else None
+        if node is None or node not in prop.fields or not _is_map(node):
+            if refs:
+                raise ValueError(f"layer {name!r} has no spatial output, so no receptive field")
+            continue
+        notes = prop.notes.get(node, [])
+        result[name] = _to_public(name, prop.fields[node], notes, input_size, _spatial(node), exact=True)
+    return result
+
+
+def _propagate(model: nn.Module, traced: Traced, input_size, in_channels) -> tuple[fx.GraphModule, "_Propagator"]:
     with preserved(model, eval_mode=True), torch.no_grad():
         gm = fx.GraphModule(model, traced.graph)
         x = _dummy(model, input_size, in_channels, traced.module_order)
@@ -430,18 +460,7 @@ def receptive_fields(
             ) from exc
         prop = _Propagator(traced, gm)
         prop.run(None)
-    by_node = {n.name: n for n in gm.graph.nodes}
-    result: dict[str, ReceptiveField] = {}
-    wanted = [r.name for r in refs] if refs else list(traced.names)
-    for name in wanted:
-        node = by_node.get(traced.names[name].name) if name in traced.names else None
-        if node is None or node not in prop.fields or not _is_map(node):
-            if refs:
-                raise ValueError(f"layer {name!r} has no spatial output, so no receptive field")
-            continue
-        notes = prop.notes.get(node, [])
-        result[name] = _to_public(name, prop.fields[node], notes, input_size, _spatial(node), exact=True)
-    return result
+    return gm, prop
 
 
 def receptive_field(

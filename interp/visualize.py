@@ -100,7 +100,9 @@ def visualize(
     model:
         Any ``torch.nn.Module`` (left exactly as it was).
     data:
-        The images, with the model's preprocessing (:func:`interp.data.open_images`).
+        The images, with the model's preprocessing (:func:`interp.data.open_images`,
+        :class:`interp.data.ArrayImages`), or an ``N x C x H x W`` tensor of
+        model inputs (then shown min-max rescaled).
     out_dir:
         Output folder (created).
     layers:
@@ -124,8 +126,17 @@ def visualize(
         Files written and ``timings`` with ``mining``, ``projection``,
         ``drawing`` and ``total`` seconds.
     """
+    from .data import TensorImages
     from .gallery import write_gallery
     from .project import project
+
+    if isinstance(data, torch.Tensor):
+        data = TensorImages(data)
+    if not isinstance(data, IndexedImages):
+        raise TypeError(
+            "visualize needs an interp.data dataset (open_images(path, preprocess), ArrayImages, TensorImages) "
+            f"or an N x C x H x W tensor, got {type(data).__name__}"
+        )
 
     t_start = time.perf_counter()
     methods = list(dict.fromkeys(methods))
