@@ -425,6 +425,15 @@ def open_images(
     if not root.exists():
         raise FileNotFoundError(f"data path not found: {root}")
     ds: IndexedImages
+    if root.is_dir() and _is_mnist_root(root) and root.name != "MNIST" and mode != "L":
+        others = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "MNIST")
+        if others:
+            # e.g. ../shared/data: MNIST next to imagenette2-160; a colour
+            # model most likely meant the other one, so do not guess.
+            raise ValueError(
+                f"{root} holds several datasets (MNIST, {', '.join(others)}); point --data at one of them, "
+                f"e.g. {root / others[0]} or {root / 'MNIST'}"
+            )
     if root.is_dir() and _is_mnist_root(root):
         mroot = root.parent if root.name == "MNIST" else root
         if split not in (None, "train", "test", "val"):

@@ -198,3 +198,18 @@ def test_model_left_as_it_was_after_success_and_error(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(x), out)
     assert not (tmp_path / "out2").exists()
+
+
+def test_mnist_root_limit_and_ambiguous_data_root():
+    ds = open_images(DATA, None, mode="L", limit=5)  # ../shared/data: MNIST for a 1-channel model
+    assert len(ds) == 5 and [ds[i][1] for i in range(5)] == [0, 2500, 5000, 7499, 9999]
+    assert ds.describe(2500) == "MNIST-test[2500]" and ds.path(2500) is None
+    from torchvision.datasets import MNIST
+
+    ref = MNIST(str(DATA), train=False, download=False).data[7499].numpy() / 255.0
+    np.testing.assert_allclose(ds.raw(7499)[:, :, 0], ref, atol=1e-6)
+    with pytest.raises(ValueError, match="holds several datasets"):
+        open_images(DATA, None, mode="RGB")
+    val = open_images(DATA / "imagenette2-160", None, limit=20)  # train/ + val/ root: val by default
+    assert all("/val/" in val.path(val.indices[i]) for i in range(20))
+    assert len({Path(val.path(i)).parent.name for i in val.indices}) == 10  # spread over every class
