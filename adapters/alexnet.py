@@ -77,6 +77,16 @@ __all__ = ["training_setup", "AlexNet", "load", "NUM_PARAMETERS"]
 NUM_PARAMETERS = 58_322_314
 
 
+def _check_lin1_input(module: nn.Linear, inputs: tuple[torch.Tensor, ...]) -> None:
+    # Without this the user gets a bare matmul shape error.
+    features = inputs[0].shape[-1]
+    if features != module.in_features:
+        raise ValueError(
+            f"AlexNet needs a 224x224 input (lin1 takes {module.in_features} = 256x6x6 features); "
+            f"this input gives {features}"
+        )
+
+
 class AlexNet(nn.Module):
     """AlexNet with flat, numbered module names (see the module docstring).
 
@@ -115,6 +125,9 @@ class AlexNet(nn.Module):
         self.relu7 = nn.ReLU()
         self.drop2 = nn.Dropout(dropout)
         self.lin3 = nn.Linear(4096, num_classes)
+        # The input-size check lives in a hook, not in forward(): a Python
+        # branch on a tensor shape would make the model untraceable by torch.fx.
+        self.lin1.register_forward_pre_hook(_check_lin1_input)
         from .recipes import init_weights
 
         init_weights(self)
@@ -127,12 +140,6 @@ class AlexNet(nn.Module):
         x = self.relu4(self.conv4(x))
         x = self.pool3(self.relu5(self.conv5(x)))
         x = torch.flatten(x, 1)
-        if x.shape[1] != self.lin1.in_features:
-            # Without this the user gets a bare matmul shape error.
-            raise ValueError(
-                f"AlexNet needs a 224x224 input (lin1 takes {self.lin1.in_features} = 256x6x6 features); "
-                f"this input gives {x.shape[1]}"
-            )
         x = self.drop1(self.relu6(self.lin1(x)))
         x = self.drop2(self.relu7(self.lin2(x)))
         return self.lin3(x)

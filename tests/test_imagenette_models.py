@@ -729,3 +729,16 @@ def test_training_setup_builds_a_trainspec_for_the_trainer():
     assert spec.recipe.image_size == 64 and spec.recipe.scheduler_metric == "val_top1"
     with pytest.raises(ValueError, match="224"):
         recipes.training_setup("alexnet", data_root=root, limit=10, image_size=64, stats=stats)
+
+
+@pytest.mark.parametrize("cls", [AlexNet, VGG16, InceptionNet, ResNet18, MobileNetV1],
+                         ids=["alexnet", "vgg16", "inception", "resnet18", "mobilenet"])
+def test_models_are_fx_traceable(cls):
+    # The engine names functional layers (additions, concatenations) from a torch.fx trace.
+    graph = torch.fx.symbolic_trace(_shared(cls)).graph
+    calls = [n.target for n in graph.nodes if n.op == "call_module"]
+    assert calls[0] == "conv1"
+    if cls is ResNet18:
+        assert sum(n.op == "call_function" and n.target.__name__ == "add" for n in graph.nodes) == 8
+    if cls is InceptionNet:
+        assert sum(n.op == "call_function" and n.target is torch.cat for n in graph.nodes) == 9
