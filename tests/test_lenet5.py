@@ -1,6 +1,7 @@
 """Tests of the LeNet-5 adapter, the MNIST data helpers and the generic trainer."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -36,10 +37,29 @@ EXPECTED_REPR = """LeNet5(
 )"""
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Run this module on one torch thread.
+
+    The models are tiny, and on a small shared CPU several OpenMP threads per
+    process stall each other (a 3x slowdown measured here); results do not
+    depend on it.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@functools.lru_cache(maxsize=1)
+def _load_mnist_test():
+    return mnist(DATA, train=False)
+
+
 def _mnist_test():
-    """The full MNIST test set; fails (never skips) when the data folder is missing."""
+    """The full MNIST test set (read once); fails (never skips) when the data folder is missing."""
     try:
-        return mnist(DATA, train=False)
+        return _load_mnist_test()
     except FileNotFoundError as exc:
         pytest.fail(f"MNIST test files are needed for this test: {exc}")
 
@@ -337,7 +357,6 @@ class _Stop(Exception):
 
 
 def test_trainer_learns_checkpoints_and_resumes_exactly(tmp_path):
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     spec = _small_spec()
     result = fit(spec, tmp_path / "a", seed=7, progress=False, log=lambda s: None)
     h = result["history"]
