@@ -435,6 +435,18 @@ def _fan_in_uniform_(module: nn.Module, fan_in: int | torch.Tensor) -> None:
             module.bias.uniform_(-1.0, 1.0).mul_(bound)
 
 
+def _check_conv3_input(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+    # Without this a wrong input size surfaces as a bare kernel/matmul shape
+    # error. Checked at conv3, not at the model's input: the engine runs partial
+    # forwards on receptive-field crops (e.g. 5x5 for conv1) that never reach here.
+    size = tuple(inputs[0].shape[-2:])
+    if size != (5, 5):
+        raise ValueError(
+            f"LeNet5 needs Bx1x32x32 inputs (MNIST padded by 2; see preprocess): conv3 got a "
+            f"{size[0]}x{size[1]} map instead of 5x5"
+        )
+
+
 class LeNet5(nn.Module):
     """LeNet-5 for 32x32 greyscale digits; outputs 10 RBF penalties (argmin = class).
 
@@ -447,6 +459,10 @@ class LeNet5(nn.Module):
         Use the paper's subsampling (trainable coefficient and bias per map)
         instead of plain average pooling.
     """
+
+    # Read by the engine (e.g. ``cnn-internals rf``) to size its dummy input.
+    input_size: tuple[int, int] = (32, 32)
+    num_classes: int = 10
 
     def __init__(self, c3_table: bool = False, trainable_pool: bool = False) -> None:
         super().__init__()
@@ -465,6 +481,10 @@ class LeNet5(nn.Module):
         self.linear = nn.Linear(120, 84)
         self.tanh6 = ScaledTanh()
         self.rbf = RBFOutputLayer()
+        # The size check lives in a pre-hook, not in forward(), so that forward()
+        # has no data-dependent branch and stays torch.fx-traceable (the engine
+        # addresses layers through an fx trace).
+        self.conv3.register_forward_pre_hook(_check_conv3_input)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -482,8 +502,6 @@ class LeNet5(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map ``Bx1x32x32`` inputs to ``Bx10`` penalties."""
-        if x.dim() != 4 or x.shape[1:] != (1, 32, 32):
-            raise ValueError(f"LeNet5 expects input of shape (B, 1, 32, 32), got {tuple(x.shape)}")
         x = self.tanh2(self.pool1(self.tanh1(self.conv1(x))))
         x = self.tanh4(self.pool2(self.tanh3(self.conv2(x))))
         x = self.tanh5(self.conv3(x))

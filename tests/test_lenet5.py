@@ -90,8 +90,23 @@ def test_output_shapes_of_every_layer():
         "conv2": (3, 16, 10, 10), "tanh3": (3, 16, 10, 10), "pool2": (3, 16, 5, 5), "tanh4": (3, 16, 5, 5),
         "conv3": (3, 120, 1, 1), "tanh5": (3, 120, 1, 1), "linear": (3, 84), "tanh6": (3, 84), "rbf": (3, 10),
     }
-    with pytest.raises(ValueError, match=r"\(B, 1, 32, 32\)"):
+    # The engine sizes its dummy input from this attribute.
+    assert model.input_size == (32, 32)
+    with pytest.raises(ValueError, match=r"Bx1x32x32 .* 4x4 map instead of 5x5"):
         model(torch.zeros(1, 1, 28, 28))
+
+
+@pytest.mark.parametrize("options", [{}, {"c3_table": True, "trainable_pool": True}])
+def test_fx_traceable(options):
+    import torch.fx
+
+    torch.manual_seed(0)
+    model = L.LeNet5(**options).eval()
+    traced = torch.fx.symbolic_trace(model)
+    x = torch.randn(2, 1, 32, 32)
+    assert torch.equal(traced(x), model(x))
+    # The scaled tanh is traced down to torch.tanh calls (what the engine intercepts).
+    assert sum(1 for n in traced.graph.nodes if n.target is torch.tanh) == 6
 
 
 def test_scaled_tanh_values_and_uses_torch_tanh(monkeypatch):
