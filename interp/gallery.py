@@ -150,7 +150,7 @@ def render_html(manifest: dict) -> str:
                 tid = f"t{li}-{ch['channel']}-{t['rank']}"
                 caption = (f"{layer['name']} channel {ch['channel']} rank {t['rank'] + 1}: "
                            f"value {t['value']:.4g} at (y={t['y']}, x={t['x']}); {t['label']}; "
-                           f"box rows {t['box'][0]}-{t['box'][2]}, cols {t['box'][1]}-{t['box'][3]}")
+                           f"receptive field rows {t['box'][0]}-{t['box'][2] - 1}, cols {t['box'][1]}-{t['box'][3] - 1}")
                 imgs = "".join(
                     f'<img class="proj" data-method="{_attr(m)}" src="{_attr(p)}" alt="{_attr(m)} projection">'
                     for m, p in t["proj"].items()
