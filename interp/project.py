@@ -267,21 +267,43 @@ def _crop_plans(model, layer: str, shape, units_t: torch.Tensor, crop: bool | No
         return full
     if not rf.exact or rf.is_global:
         return full
-    plans = []
-    for i, u in enumerate(units_t.tolist()):
+    # Field boxes per unit, clipped, with the stride-aligned start.
+    spans = []
+    for u in units_t.tolist():
         _, c, y, x = u
         f = rf.for_channel(c)
         if f.is_global:
-            plans.append(full[i])
+            spans.append(None)
             continue
         top, left, bottom, right = f.box(y, x)
         sh, sw = f.stride
-        t = max(top, 0) // sh * sh
-        l0 = max(left, 0) // sw * sw
-        b, r = min(bottom, height), min(right, width)
-        area = (b - t) * (r - l0)
-        if crop is None and area > _CROP_MAX_AREA * height * width:
+        spans.append(((max(top, 0) // sh * sh, min(bottom, height), sh, y), (max(left, 0) // sw * sw, min(right, width), sw, x)))
+    local = [s_ for s_ in spans if s_ is not None]
+    if not local:
+        return full
+    # One crop size for all units: batching needs equal shapes, and every new
+    # shape costs the conv backends a fresh plan. A crop may grow past its
+    # field (more real pixels never change the unit) but must keep an aligned
+    # start, so units near the far border start earlier.
+    length = []
+    for a, size in ((0, height), (1, width)):
+        need = max(sp[a][1] - sp[a][0] for sp in local)
+        stride = local[0][a][2]
+        # Grow the length so that size - length is aligned: a crop that would
+        # run past the far border can then start at exactly size - length.
+        length.append(min(size, size - (size - need) // stride * stride))
+    if crop is None and length[0] * length[1] > _CROP_MAX_AREA * height * width:
+        return full
+    plans = []
+    for i, sp in enumerate(spans):
+        if sp is None:
             plans.append(full[i])
-        else:
-            plans.append((t, l0, b, r, y - t // sh, x - l0 // sw))
+            continue
+        box = []
+        for a, size in ((0, height), (1, width)):
+            start, _, stride, pos = sp[a]
+            start = min(start, size - length[a])
+            box.append((start, start + length[a], pos - start // stride))
+        (t, b, y2), (l0, r, x2) = box
+        plans.append((t, l0, b, r, y2, x2))
     return plans
