@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from interp.cli import main
 from interp.data import open_images
 from interp.topk import TopK
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+# Same rule as tests/conftest.py: ../shared/data unless CNN_INTERNALS_DATA says otherwise.
+DATA = Path(os.environ.get("CNN_INTERNALS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 IMAGENETTE_VAL = DATA / "imagenette2-160" / "val"
 
 
