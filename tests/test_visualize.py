@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 import interp
 from interp.cli import main
@@ -35,7 +34,6 @@ def imagenette_folder(dst: Path, n_per_class: int = 1, classes: int = 4) -> Path
 
 FACTORY = '''
 import torch
-from torch import nn
 from torchvision.transforms import v2 as T
 
 
