@@ -34,6 +34,7 @@ def imagenette_folder(dst: Path, n_per_class: int = 1, classes: int = 4) -> Path
 
 FACTORY = '''
 import torch
+from torch import nn
 from torchvision.transforms import v2 as T
 
 
