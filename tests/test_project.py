@@ -304,13 +304,12 @@ def test_success_leaves_model_and_images_untouched():
         assert torch.equal(model(images), out_before)
 
 
-@pytest.mark.parametrize("method", ["guided", "deconvnet", "gradient"])
 @pytest.mark.parametrize(
-    "arch,layer,size",
-    [("vgg11", "features.6", 64), ("resnet18", "layer2.0.conv2", 96), ("googlenet", "inception3a", 96),
-     ("mobilenet_v2", "features.4.conv.0.0", 80)],
+    "arch,layer,size,methods",
+    [("vgg11", "features.6", 64, ["guided", "deconvnet", "gradient"]), ("resnet18", "layer2.0.conv2", 96, ["guided"]),
+     ("googlenet", "inception3a", 96, ["deconvnet"]), ("mobilenet_v2", "features.4.conv.0.0", 80, ["guided"])],
 )
-def test_receptive_field_crop_is_exact(arch, layer, size, method):
+def test_receptive_field_crop_is_exact(arch, layer, size, methods):
     kwargs = {"aux_logits": False, "init_weights": False} if arch == "googlenet" else {}
     model = torchvision.models.get_model(arch, weights=None, **kwargs).eval()
     images = torch.randn(2, 3, size, size)
@@ -318,10 +317,11 @@ def test_receptive_field_crop_is_exact(arch, layer, size, method):
     # interior, corners, edges; for googlenet channels of different branches (0: 1x1, 100: 3x3)
     units = [(0, 0, h // 2, w // 2), (1, 100 % 64 if arch != "googlenet" else 100, 0, 0),
              (0, 1, h - 1, w - 1), (1, 2, 0, w // 2), (1, 3, h // 2, w - 1)]
-    full = interp.project(model, images, layer, units, method=method, crop=False)
-    cropped = interp.project(model, images, layer, units, method=method, crop=True)
-    assert full.abs().sum() > 0
-    assert rel_diff(cropped, full) < 1e-5
+    for method in methods:
+        full = interp.project(model, images, layer, units, method=method, crop=False)
+        cropped = interp.project(model, images, layer, units, method=method, crop=True)
+        assert full.abs().sum() > 0
+        assert rel_diff(cropped, full) < 1e-5, method
     # Nothing outside the field: the crop path writes zeros there, the full path computes them.
     rf = interp.receptive_field(model, layer, (size, size))
     n, c, y, x = units[0]
