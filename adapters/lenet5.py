@@ -60,9 +60,19 @@ digit; the least-separated pair still differs in
 Normalisation
 -------------
 :func:`preprocess` follows the paper: pixel values are scaled linearly so that
-the white background is -0.1 and full ink is 1.175 (``x/255 * 1.275 - 0.1``),
-which makes the MNIST input roughly zero-mean and unit-variance; the 2-pixel
-padding uses the background value.
+the background (0 in MNIST) becomes -0.1 and full ink (255) becomes 1.175
+(``x/255 * 1.275 - 0.1``), and the 2-pixel padding takes the background value.
+The paper chose these values to make the input roughly zero-mean with a
+variance near 1; on the padded MNIST training images the mean is 0.028 and the
+standard deviation 0.35. No dataset statistics are needed, so any digit image
+is treated the same way.
+
+Shipped weights
+---------------
+``weights/lenet5.safetensors``: the default architecture trained on the 60,000
+MNIST training images (recipe :func:`recipe`, seed 0, last of 30 epochs); it
+classifies 9,923 of the 10,000 MNIST test images correctly (99.23%). How it
+was made is recorded in ``weights/lenet5.json``.
 
 Examples
 --------
@@ -664,19 +674,21 @@ def _describe(kwargs: dict) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
 
 
-def recipe(fast: bool = False):
-    """The LeNet-5 training recipe.
+def recipe():
+    """The LeNet-5 training recipe (:class:`adapters.training.Recipe`).
 
-    ``fast=False`` is the original implementation's recipe (AdamW, lr 1e-3,
-    weight decay 1e-4, batch 64, 30 epochs) with a cosine decay of the
-    learning rate to zero over the run; ``fast=True`` is the same with 10
-    epochs.
+    The original implementation's recipe (AdamW, lr 1e-3, weight decay 1e-4,
+    batch 64, 30 epochs, no augmentation) plus one addition of ours: the
+    learning rate decays to zero along a cosine over the run, stepped per
+    batch, which settles the weights at the end of training. (A 10-epoch
+    version of the same recipe reached only 98.86% on the MNIST test set, so
+    there is no shorter variant.)
     """
     from .training import Recipe
 
     return Recipe(
-        name="lenet5-fast" if fast else "lenet5",
-        epochs=10 if fast else 30,
+        name="lenet5",
+        epochs=30,
         batch_size=64,
         optimizer="adamw",
         lr=1e-3,
@@ -688,7 +700,6 @@ def recipe(fast: bool = False):
 def training_setup(
     data_root: str | Path | None = None,
     limit: int | None = None,
-    fast: bool = False,
     **model_kwargs,
 ):
     """Everything :func:`adapters.training.fit` needs to train LeNet-5 on MNIST.
@@ -720,7 +731,7 @@ def training_setup(
         model=LeNet5(**model_kwargs),
         train_set=tensors(True),
         val_set=val_set,
-        recipe=recipe(fast=fast),
+        recipe=recipe(),
         loss_fn=lecun_loss,
         scores_fn=penalties_to_scores,
         val_name=f"MNIST test ({len(val_set):,})" if limit is None else f"MNIST test (first {len(val_set):,})",

@@ -172,6 +172,8 @@ class TrainSpec:
         LeNet-5's RBF penalties.
     val_name:
         Human-readable name of ``val_set``, recorded in logs.
+    extra:
+        Anything else worth recording in ``log.json`` (model options, preprocessing).
     """
 
     model: nn.Module

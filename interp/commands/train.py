@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 # Trainable model -> "module:function" returning an adapters.training.TrainSpec
-# from (data_root, limit, fast). Add Imagenette models here.
+# from (data_root, limit). Add Imagenette models here.
 TRAINABLE: dict[str, str] = {
     "lenet5": "adapters.lenet5:training_setup",
 }
@@ -37,7 +37,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--epochs", type=int, default=None, help="override the recipe's number of epochs")
     p.add_argument("--batch-size", type=int, default=None, help="override the recipe's batch size")
     p.add_argument("--lr", type=float, default=None, help="override the recipe's learning rate")
-    p.add_argument("--fast", action="store_true", help="the model's shorter recipe, if it has one")
     p.add_argument("--limit", type=int, default=None, help="use only the first N training and validation images")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default: cpu")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
@@ -70,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     # Seed before the model is built: its initial weights are part of the run.
     seed_everything(args.seed)
-    spec = setup(data_root=args.data, limit=args.limit, fast=args.fast)
+    spec = setup(data_root=args.data, limit=args.limit)
     changes: dict[str, Any] = {}
     if args.epochs is not None:
         changes["epochs"] = args.epochs
@@ -106,8 +105,6 @@ def _command(args: argparse.Namespace) -> str:
     ):
         if value is not None:
             parts += [flag, str(value)]
-    if args.fast:
-        parts.append("--fast")
     return " ".join(shlex.quote(p) for p in parts)
 
 
