@@ -604,7 +604,7 @@ def training_setup(
     val_set = Imagenette(data_root, "val", transform=val_tf, limit=limit)
     import adapters
 
-    model, _ = adapters.load(name)
+    model, _ = adapters.load(name, stats=stats)  # stats given: no second look for the data
     model.train()
     return TrainSpec(
         model=model,

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import hashlib
 import importlib
+import inspect
 import json
 import platform
 import shlex
@@ -19,9 +20,14 @@ from pathlib import Path
 from typing import Any
 
 # Trainable model -> "module:function" returning an adapters.training.TrainSpec
-# from (data_root, limit). Add Imagenette models here.
+# from (data_root, limit[, image_size]).
 TRAINABLE: dict[str, str] = {
     "lenet5": "adapters.lenet5:training_setup",
+    "alexnet": "adapters.alexnet:training_setup",
+    "vgg16": "adapters.vgg16:training_setup",
+    "inception": "adapters.inception:training_setup",
+    "resnet18": "adapters.resnet18:training_setup",
+    "mobilenet": "adapters.mobilenet:training_setup",
 }
 
 
@@ -33,11 +39,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description="Train a built-in model with its recipe; resumable.",
     )
     p.add_argument("model", metavar="MODEL", help=f"one of: {', '.join(sorted(TRAINABLE))}")
-    p.add_argument("--data", default=None, help="data root holding MNIST/raw/ (default ../shared/data or $CNN_INTERNALS_DATA)")
+    p.add_argument("--data", default=None,
+                   help="data root holding MNIST/raw/ or imagenette2-160/ (default ../shared/data or $CNN_INTERNALS_DATA)")
     p.add_argument("--epochs", type=int, default=None, help="override the recipe's number of epochs")
     p.add_argument("--batch-size", type=int, default=None, help="override the recipe's batch size")
     p.add_argument("--lr", type=float, default=None, help="override the recipe's learning rate")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N training and validation images")
+    p.add_argument("--limit", type=int, default=None, help="use only N training and N validation images (smoke runs)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="train/eval crop size in px (Imagenette models; default the recipe's 224)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default: cpu")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -69,7 +78,12 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     # Seed before the model is built: its initial weights are part of the run.
     seed_everything(args.seed)
-    spec = setup(data_root=args.data, limit=args.limit)
+    kwargs: dict[str, Any] = {"data_root": args.data, "limit": args.limit}
+    if args.image_size is not None:
+        if "image_size" not in inspect.signature(setup).parameters:
+            raise ValueError(f"--image-size does not apply to {args.model} (its input size is fixed)")
+        kwargs["image_size"] = args.image_size
+    spec = setup(**kwargs)
     changes: dict[str, Any] = {}
     if args.epochs is not None:
         changes["epochs"] = args.epochs
@@ -100,7 +114,7 @@ def _command(args: argparse.Namespace) -> str:
     parts = ["cnn-internals", "train", args.model]
     for flag, value in (
         ("--data", args.data), ("--epochs", args.epochs), ("--batch-size", args.batch_size),
-        ("--lr", args.lr), ("--limit", args.limit), ("--device", args.device),
+        ("--lr", args.lr), ("--limit", args.limit), ("--image-size", args.image_size), ("--device", args.device),
         ("--workers", args.workers), ("--threads", args.threads), ("--seed", args.seed), ("--out", args.out),
     ):
         if value is not None:
