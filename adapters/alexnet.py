@@ -72,7 +72,7 @@ from torch import nn
 if TYPE_CHECKING:
     from .imagenette import DatasetStats
 
-__all__ = ["training_setup", "AlexNet", "load", "NUM_PARAMETERS"]
+__all__ = ["AlexNet", "load", "NUM_PARAMETERS"]
 
 NUM_PARAMETERS = 58_322_314
 
@@ -180,15 +180,3 @@ def load(
     from .recipes import finish_load
 
     return finish_load(AlexNet(num_classes=num_classes, **kwargs), "alexnet", weights, data_root, stats)
-
-
-def training_setup(
-    data_root: str | os.PathLike | None = None,
-    limit: int | None = None,
-    fast: bool = False,
-    image_size: int | None = None,
-):
-    """The ``cnn-internals train alexnet`` setup: see :func:`adapters.recipes.training_setup`."""
-    from .recipes import training_setup as setup
-
-    return setup("alexnet", data_root=data_root, limit=limit, fast=fast, image_size=image_size)

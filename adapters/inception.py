@@ -61,7 +61,7 @@ from torch import nn
 if TYPE_CHECKING:
     from .imagenette import DatasetStats
 
-__all__ = ["training_setup", "Inception", "InceptionNet", "INCEPTION_CONFIG", "load", "NUM_PARAMETERS"]
+__all__ = ["Inception", "InceptionNet", "INCEPTION_CONFIG", "load", "NUM_PARAMETERS"]
 
 NUM_PARAMETERS = 5_998_362
 
@@ -228,15 +228,3 @@ def load(
     from .recipes import finish_load
 
     return finish_load(InceptionNet(num_classes=num_classes, **kwargs), "inception", weights, data_root, stats)
-
-
-def training_setup(
-    data_root: str | os.PathLike | None = None,
-    limit: int | None = None,
-    fast: bool = False,
-    image_size: int | None = None,
-):
-    """The ``cnn-internals train inception`` setup: see :func:`adapters.recipes.training_setup`."""
-    from .recipes import training_setup as setup
-
-    return setup("inception", data_root=data_root, limit=limit, fast=fast, image_size=image_size)

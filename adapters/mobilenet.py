@@ -52,7 +52,7 @@ from torch import nn
 if TYPE_CHECKING:
     from .imagenette import DatasetStats
 
-__all__ = ["training_setup", "MobileNetV1", "load", "NUM_PARAMETERS", "BLOCKS", "is_depthwise"]
+__all__ = ["MobileNetV1", "load", "NUM_PARAMETERS", "BLOCKS", "is_depthwise"]
 
 NUM_PARAMETERS = 3_217_226
 
@@ -164,15 +164,3 @@ def load(
 
     model = MobileNetV1(num_classes=num_classes, width_mult=width_mult, **kwargs)
     return finish_load(model, "mobilenet", weights, data_root, stats)
-
-
-def training_setup(
-    data_root: str | os.PathLike | None = None,
-    limit: int | None = None,
-    fast: bool = False,
-    image_size: int | None = None,
-):
-    """The ``cnn-internals train mobilenet`` setup: see :func:`adapters.recipes.training_setup`."""
-    from .recipes import training_setup as setup
-
-    return setup("mobilenet", data_root=data_root, limit=limit, fast=fast, image_size=image_size)

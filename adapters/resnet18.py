@@ -45,7 +45,7 @@ from torch import nn
 if TYPE_CHECKING:
     from .imagenette import DatasetStats
 
-__all__ = ["training_setup", "ResNet18", "load", "NUM_PARAMETERS", "BLOCKS", "TORCHVISION_NAMES"]
+__all__ = ["ResNet18", "load", "NUM_PARAMETERS", "BLOCKS", "TORCHVISION_NAMES"]
 
 NUM_PARAMETERS = 11_181_642
 
@@ -188,15 +188,3 @@ def load(
     from .recipes import finish_load
 
     return finish_load(ResNet18(num_classes=num_classes, **kwargs), "resnet18", weights, data_root, stats)
-
-
-def training_setup(
-    data_root: str | os.PathLike | None = None,
-    limit: int | None = None,
-    fast: bool = False,
-    image_size: int | None = None,
-):
-    """The ``cnn-internals train resnet18`` setup: see :func:`adapters.recipes.training_setup`."""
-    from .recipes import training_setup as setup
-
-    return setup("resnet18", data_root=data_root, limit=limit, fast=fast, image_size=image_size)

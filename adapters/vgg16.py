@@ -43,7 +43,7 @@ from torch import nn
 if TYPE_CHECKING:
     from .imagenette import DatasetStats
 
-__all__ = ["training_setup", "VGG16", "load", "NUM_PARAMETERS", "CONV_CHANNELS"]
+__all__ = ["VGG16", "load", "NUM_PARAMETERS", "CONV_CHANNELS"]
 
 NUM_PARAMETERS = 134_301_514
 
@@ -131,15 +131,3 @@ def load(
     from .recipes import finish_load
 
     return finish_load(VGG16(num_classes=num_classes, **kwargs), "vgg16", weights, data_root, stats)
-
-
-def training_setup(
-    data_root: str | os.PathLike | None = None,
-    limit: int | None = None,
-    fast: bool = False,
-    image_size: int | None = None,
-):
-    """The ``cnn-internals train vgg16`` setup: see :func:`adapters.recipes.training_setup`."""
-    from .recipes import training_setup as setup
-
-    return setup("vgg16", data_root=data_root, limit=limit, fast=fast, image_size=image_size)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import functools
 import importlib
 import inspect
 import json
@@ -20,14 +21,16 @@ from pathlib import Path
 from typing import Any
 
 # Trainable model -> "module:function" returning an adapters.training.TrainSpec
-# from (data_root, limit[, image_size]).
+# from (data_root, limit[, image_size]). The Imagenette recipes share one
+# setup that takes the model name first.
+_IMAGENETTE = "adapters.recipes:training_setup"
 TRAINABLE: dict[str, str] = {
     "lenet5": "adapters.lenet5:training_setup",
-    "alexnet": "adapters.alexnet:training_setup",
-    "vgg16": "adapters.vgg16:training_setup",
-    "inception": "adapters.inception:training_setup",
-    "resnet18": "adapters.resnet18:training_setup",
-    "mobilenet": "adapters.mobilenet:training_setup",
+    "alexnet": _IMAGENETTE,
+    "vgg16": _IMAGENETTE,
+    "inception": _IMAGENETTE,
+    "resnet18": _IMAGENETTE,
+    "mobilenet": _IMAGENETTE,
 }
 
 
@@ -62,7 +65,8 @@ def _setup(name: str):
     if name not in TRAINABLE:
         raise ValueError(f"model {name!r} is not trainable here; trainable: {', '.join(sorted(TRAINABLE))}")
     module, func = TRAINABLE[name].split(":")
-    return getattr(importlib.import_module(module), func)
+    setup = getattr(importlib.import_module(module), func)
+    return functools.partial(setup, name) if TRAINABLE[name] == _IMAGENETTE else setup
 
 
 def run(args: argparse.Namespace) -> int:
