@@ -1,0 +1,169 @@
+"""Run the benchmark suite: ``python -m benchmarks.run --device cpu|cuda``.
+
+Prints one markdown table per benchmark (median times, the ours/baseline
+time ratio, the speed-up and the max relative difference of the results),
+optionally writes everything as JSON, and exits non-zero when any result
+differs from ours by more than the tolerance (1e-5 relative).
+
+Examples
+--------
+``python -m benchmarks.run --device cpu --quick``
+``python -m benchmarks.run --device cuda --json gpu.json``
+``python -m benchmarks.run --device cpu --only projection --cases vgg16:features.12 --methods guided``
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+BENCHMARKS = ("projection", "mining", "e2e", "scaling")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The suite's options (shared by ``python -m benchmarks.run`` and ``cnn-internals bench``)."""
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--json", default=None, help="also write all results and machine facts to this JSON file")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer models/repeats and smaller sizes: a couple of minutes on a 2-core CPU")
+    p.add_argument("--only", default=",".join(BENCHMARKS),
+                   help=f"comma-separated subset of {', '.join(BENCHMARKS)} (default: all)")
+    p.add_argument("--cases", default=None,
+                   help="projection cases as model:layer,... (default: vgg16 features.12/28, resnet18 layer2/4, "
+                        "googlenet inception4c, mobilenet_v2 features.7; quick: two of them)")
+    p.add_argument("--methods", default=None, help="projection methods, e.g. guided,deconvnet (default: both; "
+                                                   "quick: guided)")
+    p.add_argument("--e2e-limit", type=int, default=None,
+                   help="end to end on N val images spread over the classes (default: all; quick: 48)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="repeats of the slow baselines (Captum, zennit, per-layer passes); the naive per-unit "
+                        "loop gets half as many (at least 1). Default: 3 (quick: 2)")
+    p.add_argument("--mining-images", type=int, default=None,
+                   help="images for the mining benchmark (default 128; quick: 32)")
+    p.add_argument("--data", default=None, help="data root holding imagenette2-160/ (default ../shared/data)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+
+
+def parse_list(text: str | None, allowed: Sequence[str] | None = None, what: str = "item") -> list[str] | None:
+    """``"a,b"`` -> ``["a", "b"]`` (``None`` stays ``None``), checked against ``allowed``."""
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if allowed is not None:
+        bad = [t for t in items if t not in allowed]
+        if bad:
+            raise ValueError(f"unknown {what} {', '.join(bad)}; choose from {', '.join(allowed)}")
+    if not items:
+        raise ValueError(f"no {what} given")
+    return items
+
+
+def parse_cases(text: str | None) -> list[tuple[str, str]] | None:
+    """``"vgg16:features.12,resnet18:layer4.1.conv2"`` -> ``[(model, layer), ...]``."""
+    items = parse_list(text, what="case")
+    if items is None:
+        return None
+    out = []
+    for item in items:
+        model, sep, layer = item.partition(":")
+        if not sep or not model or not layer:
+            raise ValueError(f"bad case {item!r}; write model:layer, e.g. vgg16:features.12")
+        out.append((model, layer))
+    return out
+
+
+def run_suite(args: argparse.Namespace, log: Callable[[str], None] = print) -> tuple[int, dict, str]:
+    """Run the chosen benchmarks; return ``(exit code, JSON document, markdown report)``."""
+    from . import end_to_end, mining, projection, scaling
+    from .common import TOLERANCE, as_json, environment, markdown, setup_device
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    only = parse_list(args.only, BENCHMARKS, "benchmark")
+    methods = parse_list(args.methods, ("guided", "deconvnet", "gradient"), "method")
+    cases = parse_cases(args.cases)
+    if args.repeats is not None and args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.mining_images is not None and args.mining_images < 1:
+        raise ValueError(f"--mining-images must be >= 1, got {args.mining_images}")
+    device = setup_device(args.device)
+    env = environment(device)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    doc: dict = {"command": " ".join(sys.argv), "started_utc": started.isoformat(timespec="seconds"),
+                 "quick": bool(args.quick), "tolerance": TOLERANCE, "env": env, "benchmarks": {}}
+    parts = [f"## Benchmarks ({'quick' if args.quick else 'full'})", "",
+             f"- device: {env['device']} ({env['device_name']}), torch {env['torch']}, "
+             f"{env['threads']} threads, {env['cpu_count']} CPUs, captum {env['captum']}, zennit {env['zennit']}",
+             f"- started {doc['started_utc']}; tolerance: max relative difference {TOLERANCE:.0e}", ""]
+    rows_all = []
+    t_start = time.perf_counter()
+    for name in only:
+        t0 = time.perf_counter()
+        if name == "projection":
+            ps = projection.QUICK if args.quick else projection.FULL
+            if args.repeats is not None:
+                ps = replace(ps, repeats_baseline=args.repeats, repeats_naive=max(1, args.repeats // 2))
+            rows = projection.run(device, args.quick, cases=cases, methods=methods, settings=ps, log=log)
+            table = markdown(rows, "Projection (54 units = 6 channels x 9 images)")
+        elif name == "mining":
+            ms = mining.QUICK if args.quick else mining.FULL
+            if args.mining_images is not None:
+                ms = replace(ms, images=args.mining_images)
+            if args.repeats is not None:
+                ms = replace(ms, repeats_per_layer=args.repeats)
+            rows = mining.run(device, args.quick, settings=ms, log=log)
+            table = markdown(rows, "Mining (ours/this for no-grad forward = overhead ratio; target <= 1.15)")
+        elif name == "e2e":
+            s = end_to_end.QUICK if args.quick else end_to_end.FULL
+            if args.e2e_limit is not None:
+                s = replace(s, limit=args.e2e_limit)
+            rows = end_to_end.run(device, args.quick, settings=s, data_root=Path(args.data) if args.data else None,
+                                  log=log)
+            table = markdown(rows, "End to end (resnet18 visualize)") + "\n" + end_to_end.markdown_split(rows)
+        else:
+            rows = scaling.run(device, args.quick, log=log)
+            table = "### Scaling\n\n" + scaling.markdown(rows)
+        elapsed = time.perf_counter() - t0
+        log(table)
+        parts.append(table)
+        parts.append(f"({name}: {elapsed:.0f} s)\n")
+        doc["benchmarks"][name] = {"rows": as_json(rows), "seconds": round(elapsed, 1)}
+        rows_all += rows
+    failed = [r for r in rows_all if r.status == "FAIL"]
+    doc["failures"] = [f"{r.bench}: {r.case}: {r.impl}: {r.note}" for r in failed]
+    doc["seconds"] = round(time.perf_counter() - t_start, 1)
+    if failed:
+        parts.append("**FAILED**: " + "; ".join(doc["failures"]))
+    return (1 if failed else 0), doc, "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m benchmarks.run``."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        code, doc, report = run_suite(args, log=lambda m: print(m, flush=True))
+    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+        print(f"benchmarks: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+    if code:
+        print("benchmarks: FAILED: " + "; ".join(doc["failures"]), file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
