@@ -31,6 +31,9 @@ _BUILTIN: dict[str, str] = {
     "inception": "adapters.inception:load",
     "resnet18": "adapters.resnet18:load",
     "mobilenet": "adapters.mobilenet:load",
+    # Float twins of the real pretrained files in shared/data/weights (adapters.pretrained).
+    "pretrained:mobilenet_v1_025_keras": "adapters.pretrained:load_mobilenet_v1_025_keras",
+    "pretrained:mobilenet_v2_int8": "adapters.pretrained:load_mobilenet_v2_int8",
 }
 _REGISTRY: dict[str, Callable] = {}
 

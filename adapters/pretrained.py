@@ -1,0 +1,399 @@
+"""Float PyTorch twins of the real pretrained ImageNet weights shipped in ``shared/data/weights``.
+
+Two importers, each giving a model the toolkit opens like any other
+(``adapters.load("pretrained:...")``):
+
+``pretrained:mobilenet_v1_025_keras``
+    Keras Applications' MobileNet v1, alpha 0.25, 224 px, *no top*
+    (``weights/keras/mobilenet_2_5_224_tf_no_top.h5``), read with h5py into our
+    :class:`adapters.mobilenet.MobileNetV1` at ``width_mult=0.25``: real
+    BatchNorm (gamma, beta, moving mean and variance, Keras epsilon 1e-3),
+    kernels HWIO -> OIHW, depthwise ``[3, 3, C, 1]`` -> ``[C, 1, 3, 3]``. Two
+    things differ from our from-scratch adapter and are reproduced by
+    :class:`KerasMobileNetV1`, a subclass that keeps every module name
+    (``conv1..conv27``, ``bn1..27``, ``relu1..27``): Keras uses ReLU6, and TF
+    "SAME" padding, which on a stride-2 3x3 convolution over an even-sized map
+    pads 0 pixels top/left and 1 bottom/right (torch's ``padding=1`` would pad
+    1 on every side and shift the sampling grid by one pixel). The file has no
+    classifier, so ``fc`` is a freshly initialised ``num_classes``-way layer:
+    train it with ``cnn-internals finetune`` (head only) or use the features.
+    Preprocess: resize to 224x224, ``x / 127.5 - 1`` (Keras' ``preprocess_input``).
+
+``pretrained:mobilenet_v2_int8``
+    torchvision's int8-quantized MobileNetV2 as TorchScript
+    (``weights/torchscript/mobilenetv2_quantized.pt``), dequantized into
+    ``torchvision.models.mobilenet_v2``: each of the 53 quantized convolutions
+    (BatchNorm already folded in) is unpacked with
+    ``torch.ops.quantized.conv2d_unpack`` and its float weight put into the
+    matching ``Conv2d``; the folded bias goes into the BatchNorm that follows,
+    made an exact identity-plus-bias (mean 0, variance 1, gamma
+    ``sqrt(1 + eps)``, beta = bias), so the module tree stays torchvision's.
+    The quantizable MobileNetV2 replaced ReLU6 by ReLU before quantization, so
+    the twin uses ReLU too. The classifier comes from
+    ``torch.ops.quantized.linear_unpack``. 1000 ImageNet classes; preprocess:
+    torchvision's for these weights (resize 256, centre crop 224, ImageNet
+    mean/std).
+
+The weights folder is ``$CNN_INTERNALS_WEIGHTS``, else ``weights/`` under the
+data root (``$CNN_INTERNALS_DATA`` or ``../shared/data``).
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .mobilenet import MobileNetV1
+
+__all__ = [
+    "KerasMobileNetV1",
+    "keras_mobilenet_v1",
+    "mobilenet_v2_from_torchscript",
+    "load_mobilenet_v1_025_keras",
+    "load_mobilenet_v2_int8",
+    "weights_dir",
+    "KERAS_MOBILENET_FILE",
+    "TORCHSCRIPT_MOBILENET_V2_FILE",
+    "KERAS_BN_EPS",
+    "IMAGENETTE_IMAGENET_CLASSES",
+    "TorchScriptReference",
+]
+
+KERAS_MOBILENET_FILE = "keras/mobilenet_2_5_224_tf_no_top.h5"
+TORCHSCRIPT_MOBILENET_V2_FILE = "torchscript/mobilenetv2_quantized.pt"
+# keras.layers.BatchNormalization's default epsilon (torch's is 1e-5).
+KERAS_BN_EPS = 1e-3
+# ImageNet-1k class index of each Imagenette class, in sorted-wnid (ImageFolder) order.
+IMAGENETTE_IMAGENET_CLASSES: tuple[int, ...] = (0, 217, 482, 491, 497, 566, 569, 571, 574, 701)
+
+
+def weights_dir() -> Path:
+    """Folder of the shipped pretrained files: ``$CNN_INTERNALS_WEIGHTS`` or ``<data root>/weights``."""
+    if os.environ.get("CNN_INTERNALS_WEIGHTS"):
+        return Path(os.environ["CNN_INTERNALS_WEIGHTS"])
+    if os.environ.get("CNN_INTERNALS_DATA"):
+        return Path(os.environ["CNN_INTERNALS_DATA"]) / "weights"
+    # ../shared/data next to the working copy, then relative to the current directory.
+    beside_repo = Path(__file__).resolve().parents[2] / "shared" / "data" / "weights"
+    if beside_repo.is_dir():
+        return beside_repo
+    return Path("../shared/data/weights").resolve()
+
+
+def _weights_file(path: str | os.PathLike | None, default_rel: str) -> Path:
+    file = Path(path) if path is not None else weights_dir() / default_rel
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"pretrained weights file not found: {file}; put {Path(default_rel).name} in {file.parent}/ "
+            "(see shared/data/MANIFEST.md), set CNN_INTERNALS_WEIGHTS to its weights/ folder, or pass weights=PATH"
+        )
+    return file
+
+
+# -- Keras MobileNet v1 -------------------------------------------------------
+
+
+class KerasMobileNetV1(MobileNetV1):
+    """:class:`MobileNetV1` computing exactly what Keras' MobileNet computes.
+
+    Same parameters and module names; the differences are parameter-free:
+    ``relu1..27`` are ``nn.ReLU6``, every stride-2 convolution has
+    ``padding=0`` and is preceded by ``pad<i>``, an ``nn.ZeroPad2d((0, 1, 0, 1))``
+    (TF "SAME" on an even-sized input), and BatchNorm epsilon is 1e-3.
+
+    "SAME" padding depends on the input size: the fixed right/bottom pixel is
+    exact when every stride-2 input is even, i.e. for sides divisible by 32
+    (224 as used by the preprocess); a warning is not given for other sizes
+    because the network still runs, just with the grid shifted by one pixel.
+
+    Parameters
+    ----------
+    num_classes:
+        Size of the (untrained) output layer ``fc``.
+    width_mult:
+        Keras' alpha (0.25 for the shipped file).
+    """
+
+    def __init__(self, num_classes: int = 10, width_mult: float = 0.25) -> None:
+        super().__init__(num_classes=num_classes, width_mult=width_mult)
+        self.tf_padded: tuple[int, ...] = tuple(
+            i for i in range(1, self.num_convs + 1) if getattr(self, f"conv{i}").stride != (1, 1)
+        )
+        for i in range(1, self.num_convs + 1):
+            setattr(self, f"relu{i}", nn.ReLU6())
+            getattr(self, f"bn{i}").eps = KERAS_BN_EPS
+        for i in self.tf_padded:
+            getattr(self, f"conv{i}").padding = (0, 0)
+            self.add_module(f"pad{i}", nn.ZeroPad2d((0, 1, 0, 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of ``fc`` for a batch ``Bx3xHxW`` (224x224 from the preprocess)."""
+        return self.fc(torch.flatten(self.avgpool(self.features(x)), 1))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last ReLU6 map (Keras' ``conv_pw_13_relu``), ``B x 256 x 7 x 7`` at 224 px, alpha 0.25."""
+        for i in range(1, self.num_convs + 1):
+            if i in self.tf_padded:
+                x = getattr(self, f"pad{i}")(x)
+            x = getattr(self, f"relu{i}")(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x)))
+        return x
+
+
+def _keras_layer_arrays(h5, layer: str) -> dict[str, np.ndarray]:
+    """``{"kernel": array, ...}`` of one Keras layer group (weight names without scope and ``:0``)."""
+    if layer not in h5:
+        raise ValueError(f"Keras file has no layer {layer!r}; is it MobileNet v1 (conv1, conv_dw_1 ... conv_pw_13)?")
+    group = h5[layer]
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in group.attrs.get("weight_names", [])]
+    out = {}
+    for n in names:
+        out[n.split("/")[-1].split(":")[0]] = np.asarray(group[n][()], dtype=np.float32)
+    return out
+
+
+def keras_mobilenet_v1(path: str | os.PathLike | None = None, num_classes: int = 10) -> KerasMobileNetV1:
+    """Import Keras' MobileNet v1 no-top ``.h5`` into a :class:`KerasMobileNetV1` (eval mode).
+
+    Parameters
+    ----------
+    path:
+        The ``.h5`` file; default ``<weights_dir>/keras/mobilenet_2_5_224_tf_no_top.h5``.
+        alpha is read from the file (``conv1`` has ``32 * alpha`` filters).
+    num_classes:
+        Size of the new, untrained ``fc``.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the file is missing (the message says where to put it).
+    ValueError
+        If a layer is missing or a shape does not fit.
+    """
+    import h5py
+
+    file = _weights_file(path, KERAS_MOBILENET_FILE)
+    with h5py.File(file, "r") as h5:
+        root = h5["model_weights"] if "model_weights" in h5 else h5  # a full-model file nests the weights
+        conv1 = _keras_layer_arrays(root, "conv1")["kernel"]
+        alpha = conv1.shape[3] / 32
+        model = KerasMobileNetV1(num_classes=num_classes, width_mult=alpha)
+        # (torch conv index, Keras conv layer, kernel key, HWIO -> torch permutation)
+        plan = [(1, "conv1", "kernel", (3, 2, 0, 1))]
+        for j in range(1, 14):
+            plan.append((2 * j, f"conv_dw_{j}", "depthwise_kernel", (2, 3, 0, 1)))  # [3,3,C,1] -> [C,1,3,3]
+            plan.append((2 * j + 1, f"conv_pw_{j}", "kernel", (3, 2, 0, 1)))
+        state: dict[str, torch.Tensor] = {}
+        for i, layer, key, perm in plan:
+            arrays = _keras_layer_arrays(root, layer)
+            if key not in arrays:
+                raise ValueError(f"Keras layer {layer} has no {key} (has {', '.join(arrays)})")
+            state[f"conv{i}.weight"] = torch.from_numpy(arrays[key]).permute(*perm).contiguous()
+            bn = _keras_layer_arrays(root, f"{layer}_bn")
+            state[f"bn{i}.weight"] = torch.from_numpy(bn["gamma"])
+            state[f"bn{i}.bias"] = torch.from_numpy(bn["beta"])
+            state[f"bn{i}.running_mean"] = torch.from_numpy(bn["moving_mean"])
+            state[f"bn{i}.running_var"] = torch.from_numpy(bn["moving_variance"])
+    own = model.state_dict()
+    for key, value in state.items():
+        if own[key].shape != value.shape:
+            raise ValueError(f"{file}: {key} has shape {tuple(value.shape)}, the alpha={alpha} model needs {tuple(own[key].shape)}")
+    # fc and the BatchNorm step counters are not in the file: keep the model's own.
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith("fc.") or k.endswith("num_batches_tracked") for k in missing), missing
+    return model.eval()
+
+
+def keras_preprocess(size: int = 224) -> Callable:
+    """Resize to ``size`` x ``size`` (bilinear), then ``x / 127.5 - 1`` like Keras' ``preprocess_input``."""
+    from torchvision.transforms import v2 as T
+
+    return T.Compose([
+        T.ToImage(),
+        # Resize the short side, then centre-crop: equal to a plain resize for square images.
+        T.Resize(size, antialias=True),
+        T.CenterCrop(size),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),  # (x/255 - 0.5)/0.5 = x/127.5 - 1
+    ])
+
+
+def load_mobilenet_v1_025_keras(
+    weights: str | os.PathLike | None = None, num_classes: int = 10, **kwargs
+) -> tuple[nn.Module, Callable]:
+    """``pretrained:mobilenet_v1_025_keras``: the Keras ImageNet backbone (+ untrained or fine-tuned head).
+
+    Parameters
+    ----------
+    weights:
+        ``None`` (the shipped ``.h5``), another Keras ``.h5``, or a ``.pt`` /
+        ``.safetensors`` state dict of this twin (e.g. written by
+        ``cnn-internals finetune``: backbone plus trained ``fc``).
+    num_classes:
+        Size of ``fc``.
+    """
+    if kwargs:
+        raise ValueError(f"pretrained:mobilenet_v1_025_keras takes no options {', '.join(kwargs)}")
+    if weights is not None and not str(weights).endswith((".h5", ".hdf5")):
+        from .checkpoint import load_state_dict
+
+        state = load_state_dict(weights)
+        model = keras_mobilenet_v1(None, num_classes=int(state["fc.weight"].shape[0]) if "fc.weight" in state else num_classes)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            detail = " ".join(line.strip() for line in str(exc).strip().splitlines()[:3])
+            raise ValueError(f"{weights} does not fit pretrained:mobilenet_v1_025_keras: {detail}") from exc
+        return model.eval(), keras_preprocess()
+    return keras_mobilenet_v1(weights, num_classes=num_classes), keras_preprocess()
+
+
+# -- TorchScript int8 MobileNetV2 ---------------------------------------------
+
+
+def _conv_bn_pairs(model: nn.Module) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
+    """Every Conv2d of ``model`` with the BatchNorm2d that follows it in module order."""
+    pairs, pending = [], None
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            if pending is not None:
+                raise ValueError("a Conv2d without a following BatchNorm2d")
+            pending = m
+        elif isinstance(m, nn.BatchNorm2d) and pending is not None:
+            pairs.append((pending, m))
+            pending = None
+    return pairs
+
+
+def mobilenet_v2_from_torchscript(path: str | os.PathLike | None = None) -> nn.Module:
+    """Dequantize torchvision's TorchScript int8 MobileNetV2 into ``torchvision.models.mobilenet_v2`` (eval mode).
+
+    See the module docstring for the mapping. Raises ``ValueError`` if the file
+    is not that network (number, shapes, strides or groups of the convolutions).
+    """
+    import torchvision
+
+    file = _weights_file(path, TORCHSCRIPT_MOBILENET_V2_FILE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantized-op deprecation warnings of torch.jit
+        ts = torch.jit.load(str(file), map_location="cpu")
+        qconvs = [m for _, m in ts.named_modules()
+                  if getattr(m, "original_name", "") in ("Conv2d", "ConvReLU2d") and hasattr(m, "_packed_params")]
+        qlinear = [m for _, m in ts.named_modules() if getattr(m, "original_name", "") == "Linear"]
+        model = torchvision.models.mobilenet_v2(weights=None, num_classes=1000)
+        pairs = _conv_bn_pairs(model)
+        if len(qconvs) != len(pairs) or len(qlinear) != 1:
+            raise ValueError(f"{file} has {len(qconvs)} quantized convs and {len(qlinear)} linear layers; "
+                             f"torchvision mobilenet_v2 needs {len(pairs)} and 1")
+        with torch.no_grad():
+            for k, (q, (conv, bn)) in enumerate(zip(qconvs, pairs)):
+                packed = q._packed_params
+                w, b = torch.ops.quantized.conv2d_unpack(packed)
+                stride = tuple(torch.ops.quantized.conv2d_stride(packed))
+                groups = int(torch.ops.quantized.conv2d_groups(packed))
+                if w.shape != conv.weight.shape or stride != conv.stride or groups != conv.groups:
+                    raise ValueError(f"{file}: quantized conv {k} is {tuple(w.shape)}, stride {stride}, groups {groups}; "
+                                     f"mobilenet_v2 expects {tuple(conv.weight.shape)}, {conv.stride}, {conv.groups}")
+                conv.weight.copy_(w.dequantize())
+                # Identity BatchNorm plus the folded bias: (x - 0) / sqrt(1 + eps) * sqrt(1 + eps) + b.
+                bn.running_mean.zero_()
+                bn.running_var.fill_(1.0)
+                bn.weight.fill_(math.sqrt(1.0 + bn.eps))
+                bn.bias.copy_(b if b is not None else torch.zeros_like(bn.bias))
+            w, b = torch.ops.quantized.linear_unpack(qlinear[0]._packed_params._packed_params)
+            fc = model.classifier[1]
+            if w.shape != fc.weight.shape:
+                raise ValueError(f"{file}: classifier is {tuple(w.shape)}, expected {tuple(fc.weight.shape)}")
+            fc.weight.copy_(w.dequantize())
+            fc.bias.copy_(b)
+    # The quantizable MobileNetV2 swapped ReLU6 for ReLU before calibration (torchvision's _replace_relu).
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.ReLU6):
+                setattr(parent, name, nn.ReLU())
+    return model.eval()
+
+
+class TorchScriptReference:
+    """The original int8 TorchScript MobileNetV2, run with the QNNPACK engine it was quantized for.
+
+    torchvision's quantized MobileNetV2 weights are ``IMAGENET1K_QNNPACK_V1``:
+    calibrated without ``reduce_range``. On x86 torch's default engine
+    (``x86``/``fbgemm``) multiplies uint8 x int8 pairs into saturating int16
+    sums, which overflows on this model's first convolution (errors of 1.1 on
+    outputs of at most 3.4 on a normal-noise input, against 0.0075 with
+    QNNPACK). So the reference is loaded and run under QNNPACK; the engine
+    setting is restored after every call.
+
+    The trace fixed the batch size to 1, so :meth:`__call__` runs the images
+    one at a time.
+    """
+
+    ENGINE = "qnnpack"
+
+    def __init__(self, path: str | os.PathLike | None = None) -> None:
+        if self.ENGINE not in torch.backends.quantized.supported_engines:
+            raise RuntimeError(f"this torch build lacks the {self.ENGINE} quantized engine the int8 MobileNetV2 needs")
+        self.path = _weights_file(path, TORCHSCRIPT_MOBILENET_V2_FILE)
+        with self._engine(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.module = torch.jit.load(str(self.path), map_location="cpu").eval()
+
+    def _engine(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def swap():
+            before = torch.backends.quantized.engine
+            torch.backends.quantized.engine = self.ENGINE
+            try:
+                yield
+            finally:
+                torch.backends.quantized.engine = before
+
+        return swap()
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``B x 1000`` for preprocessed images ``B x 3 x 224 x 224``."""
+        with self._engine(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.cat([self.module(x[i : i + 1]) for i in range(x.shape[0])])
+
+
+def mobilenet_v2_preprocess() -> Callable:
+    """torchvision's transform for the quantized MobileNetV2 weights (resize 256, crop 224, ImageNet mean/std)."""
+    from torchvision.models.quantization import MobileNet_V2_QuantizedWeights
+
+    return MobileNet_V2_QuantizedWeights.IMAGENET1K_QNNPACK_V1.transforms()
+
+
+def load_mobilenet_v2_int8(weights: str | os.PathLike | None = None, **kwargs) -> tuple[nn.Module, Callable]:
+    """``pretrained:mobilenet_v2_int8``: the dequantized float twin and its preprocess.
+
+    Parameters
+    ----------
+    weights:
+        ``None`` (the shipped TorchScript file), another such ``.pt``
+        TorchScript file, or a ``.safetensors`` / state-dict file of the float twin.
+    """
+    if kwargs:
+        raise ValueError(f"pretrained:mobilenet_v2_int8 takes no options {', '.join(kwargs)}")
+    if weights is not None and str(weights).endswith((".safetensors", ".pth")):
+        import torchvision
+
+        from .hub import _load_local
+
+        model = torchvision.models.mobilenet_v2(weights=None, num_classes=1000)
+        for parent in model.modules():
+            for name, child in parent.named_children():
+                if isinstance(child, nn.ReLU6):
+                    setattr(parent, name, nn.ReLU())
+        _load_local(model, weights, "pretrained:mobilenet_v2_int8")
+        return model.eval(), mobilenet_v2_preprocess()
+    return mobilenet_v2_from_torchscript(weights), mobilenet_v2_preprocess()
