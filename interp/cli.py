@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Verb -> module under interp.commands, in the order shown by --help.
-COMMANDS = ["demo", "layers", "rf", "visualize", "gallery", "train", "compare", "bench"]
+COMMANDS = ["demo", "layers", "rf", "visualize", "gallery", "train", "finetune", "compare", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

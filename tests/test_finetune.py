@@ -1,0 +1,80 @@
+"""Head-only fine-tuning pieces and the finetune verb on the real Keras MobileNet twin (few images)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torchvision
+
+import adapters
+from adapters import finetune as ft
+
+from conftest import DATA_ROOT
+
+
+def test_last_linear_and_replace_head():
+    model = torchvision.models.mobilenet_v2(weights=None)
+    name, lin = ft.last_linear(model)
+    assert name == "classifier.1" and lin.out_features == 1000
+    new = torch.nn.Linear(1280, 10)
+    ft.replace_head(model, new)
+    assert model.classifier[1] is new
+    with pytest.raises(ValueError, match="final nn.Linear"):
+        ft.last_linear(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)))
+
+
+def test_zero_shot_uses_only_the_ten_classes():
+    logits = torch.zeros(3, 1000)
+    logits[0, 217] = 5.0  # springer -> label 1
+    logits[1, 999] = 50.0  # not an Imagenette class: ignored
+    logits[1, 701] = 1.0  # parachute -> label 9
+    logits[2, 0] = -1.0
+    logits[2, 566] = 2.0  # French horn -> label 5
+    assert ft.zero_shot(logits).tolist() == [1, 9, 5]
+    with pytest.raises(ValueError, match="1000 classes"):
+        ft.zero_shot(torch.zeros(2, 10))
+
+
+def test_train_head_separates_separable_features():
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(10, 32, generator=gen) * 4
+    labels = torch.arange(10).repeat(20)
+    feats = centres[labels] + torch.randn(200, 32, generator=gen)
+    head = ft.train_head(feats, labels, steps=200)
+    assert ft.accuracy(head(feats).argmax(1), labels) == 1.0
+    again = ft.train_head(feats, labels, steps=200)
+    assert torch.equal(head.weight, again.weight)  # deterministic
+
+
+def test_finetune_verb_on_the_keras_twin(tmp_path, capsys):
+    from interp.cli import main
+
+    if not (DATA_ROOT / "weights" / "keras" / "mobilenet_2_5_224_tf_no_top.h5").is_file():
+        pytest.fail("shared/data/weights/keras/mobilenet_2_5_224_tf_no_top.h5 not found (see MANIFEST.md)", pytrace=False)
+    out = tmp_path / "out"
+    args = ["finetune", "pretrained:mobilenet_v1_025_keras", "--data", str(DATA_ROOT), "--train-limit", "20",
+            "--val-limit", "10", "--cache", str(tmp_path / "cache"), "--out", str(out), "--steps", "100"]
+    assert main(args) == 0
+    report = json.loads((out / "finetune.json").read_text())
+    assert report["train_images"] == 20 and report["val_images"] == 10 and report["feature_dim"] == 256
+    assert "zero_shot_val_top1" not in report  # the Keras file has no ImageNet classifier
+    assert report["head_only_train_top1"] == 1.0  # 20 points in 256-d: separable
+    cached = list((tmp_path / "cache").glob("*.safetensors"))
+    assert len(cached) == 2
+    # The features are the global-pooled last map, computed independently here.
+    model, preprocess = adapters.load("pretrained:mobilenet_v1_025_keras")
+    val = ft.imagenette(DATA_ROOT, "val", preprocess, 10)
+    x = torch.stack([val[i][0] for i in range(10)])
+    with torch.no_grad():
+        ref = model.avgpool(model.features(x)).flatten(1)
+    key = ft._cache_key("pretrained-mobilenet_v1_025_keras", None, val)
+    f, _, y = ft.backbone_features(model, val, cache=tmp_path / "cache", key=key, progress=False)
+    torch.testing.assert_close(f, ref, rtol=1e-4, atol=1e-5)
+    assert y.tolist() == list(range(10))
+    # The written model reproduces the reported val accuracy.
+    tuned, _ = adapters.load("pretrained:mobilenet_v1_025_keras", weights=str(out / "pretrained-mobilenet_v1_025_keras.safetensors"))
+    with torch.no_grad():
+        acc = ft.accuracy(tuned(x).argmax(1), y)
+    assert acc == pytest.approx(report["head_only_val_top1"], abs=1e-9)
+    assert "head-only val top-1" in capsys.readouterr().out
