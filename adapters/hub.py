@@ -20,7 +20,8 @@ A path to a ``.pth`` / ``.pt`` / ``.safetensors`` file
 
 The preprocess is always the weights' own: ``Weights.transforms()`` for
 torchvision (the enum's transform even for random or local weights, so a user's
-fine-tuned copy is fed like the original), and timm's
+fine-tuned copy is fed like the original; rebuilt as the equivalent v2
+``Compose`` so the engine can show images without the normalisation), and timm's
 ``resolve_data_config`` rebuilt as a torchvision v2 pipeline (timm's own
 ``create_transform`` passes ``uint8`` tensors through un-scaled; the toolkit
 feeds PIL images *or* tensors).
@@ -145,6 +146,29 @@ def _tv_safe_state_dicts(offline: bool) -> Iterator[None]:
         api.load_state_dict_from_url = original
 
 
+def _compose_of(transform: Callable) -> Callable:
+    """torchvision's ``ImageClassification`` preset as an equivalent v2 ``Compose``.
+
+    Same resize, crop, scaling and normalisation; as a ``Compose`` the engine can
+    drop the ``Normalize`` step to show images in true colour
+    (:func:`interp.data.display_transform`). Other transforms are returned as they are.
+    """
+    from torchvision.transforms._presets import ImageClassification
+    from torchvision.transforms import v2 as T
+
+    if not isinstance(transform, ImageClassification):
+        return transform
+    # Resize and crop before ToImage, as the preset does: a PIL image is resized by PIL.
+    return T.Compose([
+        T.Resize(list(transform.resize_size), interpolation=transform.interpolation,
+                 antialias=bool(transform.antialias)),
+        T.CenterCrop(list(transform.crop_size)),
+        T.ToImage(),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(list(transform.mean), list(transform.std)),
+    ])
+
+
 def _missing_message(file: str, source: str, folder: Path) -> str:
     return (
         f"offline mode: pretrained weights file {file} not found; download it from {source} "
@@ -171,13 +195,13 @@ def _load_torchvision(arch: str, weights, offline: bool, kwargs: dict) -> tuple[
         w = _tv_weights(arch, str(weights))
         with _tv_safe_state_dicts(offline):
             model = torchvision.models.get_model(arch, weights=w, **kwargs)
-        preprocess = w.transforms()
+        preprocess = _compose_of(w.transforms())
     else:
         model = torchvision.models.get_model(arch, weights=None, **kwargs)
         if weights is not None:
             _load_local(model, weights, f"torchvision:{arch}")
         # The default weights' transform: how the architecture is fed in torchvision.
-        preprocess = enum.DEFAULT.transforms() if enum is not None else _default_preprocess()
+        preprocess = _compose_of(enum.DEFAULT.transforms()) if enum is not None else _default_preprocess()
     model.eval()
     return model, preprocess
 

@@ -370,7 +370,9 @@ def mobilenet_v2_preprocess() -> Callable:
     """torchvision's transform for the quantized MobileNetV2 weights (resize 256, crop 224, ImageNet mean/std)."""
     from torchvision.models.quantization import MobileNet_V2_QuantizedWeights
 
-    return MobileNet_V2_QuantizedWeights.IMAGENET1K_QNNPACK_V1.transforms()
+    from .hub import _compose_of
+
+    return _compose_of(MobileNet_V2_QuantizedWeights.IMAGENET1K_QNNPACK_V1.transforms())
 
 
 def load_mobilenet_v2_int8(weights: str | os.PathLike | None = None, **kwargs) -> tuple[nn.Module, Callable]:

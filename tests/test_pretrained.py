@@ -67,10 +67,21 @@ def test_torchvision_cached_enum_file_loads(offline_cache):
     torch.save(reference.state_dict(), file)
     model, preprocess = adapters.load("torchvision:resnet18", weights="pretrained")
     assert not model.training and _same_state(model, reference.state_dict())
-    # The weights' own transform: resize 256, crop 224, ImageNet mean/std.
-    assert list(preprocess.resize_size) == [256] and list(preprocess.crop_size) == [224]
+    # The weights' own transform (resize 256, crop 224, ImageNet mean/std), as a Compose
+    # giving exactly what torchvision's preset gives, for PIL images and uint8 tensors.
+    from PIL import Image
+
+    preset = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.transforms()
+    rgb = torch.randint(0, 256, (3, 300, 400), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    pil = Image.fromarray(rgb.permute(1, 2, 0).numpy())
+    # PIL images (what the toolkit loads) are resized by PIL on both sides: equal. For a
+    # uint8 tensor v2's resize kernel may round one level differently from v1's.
+    one_level = 1 / 255 / 0.224 + 1e-6
+    for img, tol in ((pil, 1e-6), (rgb, one_level)):
+        x = preprocess(img)
+        assert x.shape == (3, 224, 224)
+        torch.testing.assert_close(x, preset(img), rtol=0, atol=tol)
     x = preprocess(torch.full((3, 300, 400), 128, dtype=torch.uint8))
-    assert x.shape == (3, 224, 224)
     assert torch.allclose(x[:, 0, 0], (128 / 255 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225]), atol=1e-5)
     reference.eval()
     inp = torch.randn(2, 3, 64, 64)
