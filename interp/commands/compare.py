@@ -68,10 +68,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"CKA heatmap: {result.heatmap_path}")
     print(f"numbers:     {result.json_path}")
     width = max(len(n) for n in result.layers_a)
+    col = max([8] + [len(n) for n in result.layers_b])
     print(f"linear CKA over {result.n_images} images (rows A = {id_a}, columns B = {id_b}):")
-    print(" " * (width + 2) + "  ".join(f"{n:>8}" for n in result.layers_b))
+    print(" " * (width + 2) + "  ".join(f"{n:>{col}}" for n in result.layers_b))
     for name, row in zip(result.layers_a, result.cka.tolist()):
-        print(f"{name:>{width}}  " + "  ".join(f"{v:8.3f}" for v in row))
+        print(f"{name:>{width}}  " + "  ".join(f"{v:{col}.3f}" for v in row))
     t = result.timings
     print(f"time: visualize {t['visualize']:.1f} s, CKA {t['cka']:.1f} s, drawing {t['drawing']:.1f} s, total {t['total']:.1f} s")
     return 0
