@@ -325,3 +325,13 @@ def test_mobilenet_v2_twin_agrees_with_the_torchscript_model():
     classes = torch.tensor(pretrained.IMAGENETTE_IMAGENET_CLASSES)
     y = torch.tensor([c for _, c in items])
     assert (ours[:, classes].argmax(1) == y).float().mean().item() >= 0.9
+
+
+def test_missing_twin_file_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("CNN_INTERNALS_WEIGHTS", str(tmp_path / "weights"))
+    with pytest.raises(FileNotFoundError) as err:
+        adapters.load("pretrained:mobilenet_v1_025_keras")
+    msg = str(err.value)
+    assert "mobilenet_2_5_224_tf_no_top.h5" in msg and str(tmp_path / "weights" / "keras") in msg and "\n" not in msg
+    with pytest.raises(FileNotFoundError, match="mobilenetv2_quantized.pt"):
+        adapters.load("pretrained:mobilenet_v2_int8")
