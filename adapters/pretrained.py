@@ -205,7 +205,9 @@ def keras_mobilenet_v1(path: str | os.PathLike | None = None, num_classes: int =
             raise ValueError(f"{file}: {key} has shape {tuple(value.shape)}, the alpha={alpha} model needs {tuple(own[key].shape)}")
     # fc and the BatchNorm step counters are not in the file: keep the model's own.
     missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and all(k.startswith("fc.") or k.endswith("num_batches_tracked") for k in missing), missing
+    left = [k for k in missing if not (k.startswith("fc.") or k.endswith("num_batches_tracked"))]
+    if unexpected or left:
+        raise ValueError(f"{file}: the import left {', '.join(left + list(unexpected))} unset; is this MobileNet v1?")
     return model.eval()
 
 
