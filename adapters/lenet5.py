@@ -82,7 +82,6 @@ Examples
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Callable
 

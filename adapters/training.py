@@ -31,7 +31,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -280,16 +279,9 @@ def evaluate(
 
 def _write_json(obj: Any, path: Path) -> None:
     """Write JSON atomically (temporary file + rename)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from interp._io import write_atomic
+
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:

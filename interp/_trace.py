@@ -15,7 +15,6 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import fx, nn
 
 # Node targets that never produce a feature map: not offered as layers.

@@ -16,6 +16,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from ._state import preserved
 from .topk import Entry, LayerInfo, TopK
 
 __all__ = ["mine", "resolve_layers"]
@@ -74,16 +75,9 @@ def _model_device(model: nn.Module) -> torch.device:
     return devices.pop() if devices else torch.device("cpu")
 
 
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+def eval_mode(model: nn.Module):
     """Put every module in eval mode; restore each module's own flag on exit."""
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        yield model
-    finally:
-        for m, flag in flags:
-            m.training = flag
+    return preserved(model, eval_mode=True)
 
 
 @contextmanager

@@ -22,9 +22,8 @@ call order; that ignores branching, and ``notes`` says so.
 """
 from __future__ import annotations
 
-import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F

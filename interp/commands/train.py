@@ -129,11 +129,13 @@ def _command(args: argparse.Namespace) -> str:
 def _export(args: argparse.Namespace, spec, history: list[dict[str, Any]], out: Path) -> None:
     """Write the final (last-epoch) weights as safetensors and a JSON record of the run."""
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from interp._io import write_atomic
 
     weights = out / f"{args.model}.safetensors"
     state = {k: v.detach().cpu().contiguous() for k, v in spec.model.state_dict().items()}
-    save_file(state, str(weights))
+    write_atomic(weights, save(state))
     last = history[-1]
     record = {
         "model": args.model,
@@ -157,5 +159,5 @@ def _export(args: argparse.Namespace, spec, history: list[dict[str, Any]], out: 
         "command": _command(args),
         "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    (out / f"{args.model}.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_atomic(out / f"{args.model}.json", json.dumps(record, indent=2) + "\n")
     print(f"final weights: {weights}  ({spec.val_name} top-1 {100 * last.get('val_top1', float('nan')):.2f}%)")
