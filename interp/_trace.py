@@ -56,11 +56,21 @@ class Traced:
     """Result of tracing one model: its graph and the public names of nodes."""
 
     graph: fx.Graph
-    root: nn.Module
+    # A weak reference: this object lives in a WeakKeyDictionary keyed by the
+    # model, and a strong reference back to the key would keep every model
+    # ever traced alive.
+    _root: "weakref.ref[nn.Module]"
     names: dict[str, fx.Node] = field(default_factory=dict)  # public name -> node
     functional: list[str] = field(default_factory=list)  # names of functional nodes, in order
     module_order: list[str] = field(default_factory=list)  # leaf module paths in call order
     _truncated: dict[str, fx.GraphModule] = field(default_factory=dict, repr=False)
+
+    @property
+    def root(self) -> nn.Module:
+        root = self._root()
+        if root is None:  # pragma: no cover - the cache entry dies with the model
+            raise RuntimeError("the traced model no longer exists")
+        return root
 
     def node_name(self, node: fx.Node) -> str | None:
         for name, n in self.names.items():
@@ -132,9 +142,11 @@ def trace(model: nn.Module) -> Traced:
             warnings.simplefilter("ignore")
             graph = tracer.trace(model)
     except Exception as exc:  # fx cannot trace data-dependent control flow etc.
-        _CACHE[model] = (key, exc)
+        # Cache a fresh exception without the traceback: its frames would
+        # hold the model and keep it (and this cache entry) alive forever.
+        _CACHE[model] = (key, type(exc)(*exc.args) if _rebuildable(exc) else RuntimeError(str(exc)))
         raise
-    traced = Traced(graph=graph, root=model)
+    traced = Traced(graph=graph, _root=weakref.ref(model))
     counts: dict[str, int] = {}
     module_names = {name for name, _ in model.named_modules()}
     for name, node in tracer.module_outputs.items():
@@ -156,6 +168,14 @@ def trace(model: nn.Module) -> Traced:
         traced.functional.append(name)
     _CACHE[model] = (key, traced)
     return traced
+
+
+def _rebuildable(exc: Exception) -> bool:
+    try:
+        type(exc)(*exc.args)
+        return True
+    except Exception:  # noqa: BLE001 - exotic constructors
+        return False
 
 
 def try_trace(model: nn.Module) -> tuple[Traced | None, str | None]:
