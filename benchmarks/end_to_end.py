@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .common import Row, max_rel_diff, median, sync
+from .common import Row, check, max_rel_diff, median, sync
 
 DEFAULT_DATA = Path(os.environ.get("CNN_INTERNALS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -40,7 +40,7 @@ class Settings:
 
 
 FULL = Settings()
-QUICK = Settings(limit=48, channels=2, k=3)
+QUICK = Settings(limit=24, channels=2, k=3)
 
 
 def _loader(data, batch_size: int):
@@ -161,8 +161,6 @@ def run(device: torch.device, quick: bool = False, settings: Settings | None = N
     for name, ts, vals in (("ours (visualize)", ours_t, None), ("original-style (no drawing)", orig_t, orig_vals)):
         wall = median([t["wall"] for t in ts])
         diff = None if vals is None else max_rel_diff(vals, ours_vals)
-        from .common import check
-
         status, note = check(diff)
         split = {key: median([t[key] for t in ts]) for key in ("mining", "projection", "drawing")}
         rows.append(Row(bench="e2e", case=case, impl=name, median_s=wall, times_s=[round(t["wall"], 3) for t in ts],

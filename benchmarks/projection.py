@@ -65,7 +65,7 @@ class Settings:
 
 
 FULL = Settings()
-QUICK = Settings(size=128, repeats_ours=3, repeats_baseline=2, repeats_naive=1)
+QUICK = Settings(size=112, repeats_ours=3, repeats_baseline=2, repeats_naive=1)
 
 
 def module_at(model: nn.Module, name: str) -> nn.Module:

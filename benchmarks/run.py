@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default=None, help="projection methods, e.g. guided,deconvnet (default: both; "
                                                    "quick: guided)")
     p.add_argument("--e2e-limit", type=int, default=None,
-                   help="end to end on N val images spread over the classes (default: all; quick: 48)")
+                   help="end to end on N val images spread over the classes (default: all; quick: 24)")
     p.add_argument("--repeats", type=int, default=None,
                    help="repeats of the slow baselines (Captum, zennit, per-layer passes); the naive per-unit "
                         "loop gets half as many (at least 1). Default: 3 (quick: 2)")
@@ -79,8 +79,12 @@ def parse_cases(text: str | None) -> list[tuple[str, str]] | None:
     return out
 
 
-def run_suite(args: argparse.Namespace, log: Callable[[str], None] = print) -> tuple[int, dict, str]:
-    """Run the chosen benchmarks; return ``(exit code, JSON document, markdown report)``."""
+def run_suite(args: argparse.Namespace, log: Callable[[str], None] = print,
+              command: str | None = None) -> tuple[int, dict, str]:
+    """Run the chosen benchmarks; return ``(exit code, JSON document, markdown report)``.
+
+    ``command`` is recorded in the JSON (default: this process's arguments).
+    """
     from . import end_to_end, mining, projection, scaling
     from .common import TOLERANCE, as_json, environment, markdown, setup_device
 
@@ -98,7 +102,7 @@ def run_suite(args: argparse.Namespace, log: Callable[[str], None] = print) -> t
     device = setup_device(args.device)
     env = environment(device)
     started = datetime.datetime.now(datetime.timezone.utc)
-    doc: dict = {"command": " ".join(sys.argv), "started_utc": started.isoformat(timespec="seconds"),
+    doc: dict = {"command": command or "python -m benchmarks.run " + " ".join(sys.argv[1:]), "started_utc": started.isoformat(timespec="seconds"),
                  "quick": bool(args.quick), "tolerance": TOLERANCE, "env": env, "benchmarks": {}}
     parts = [f"## Benchmarks ({'quick' if args.quick else 'full'})", "",
              f"- device: {env['device']} ({env['device_name']}), torch {env['torch']}, "
@@ -153,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        code, doc, report = run_suite(args, log=lambda m: print(m, flush=True))
+        code, doc, report = run_suite(args, log=lambda m: print(m, flush=True),
+                                      command="python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv))
     except (ValueError, RuntimeError, FileNotFoundError) as exc:
         print(f"benchmarks: error: {exc}", file=sys.stderr)
         return 2

@@ -35,7 +35,7 @@ class Settings:
 
 
 FULL = Settings()
-QUICK = Settings(size=128, units=(1, 6, 54), images=(64, 256), repeats=2)
+QUICK = Settings(size=112, units=(1, 6, 54), images=(32, 128), repeats=2)
 
 
 class RandomImages(torch.utils.data.Dataset):

@@ -48,7 +48,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the suite; 1 when a result differs from ours by more than the tolerance."""
     suite = _suite()
-    code, doc, _ = suite.run_suite(args, log=lambda m: print(m, flush=True))
+    import sys
+
+    code, doc, _ = suite.run_suite(args, log=lambda m: print(m, flush=True),
+                                   command="cnn-internals " + " ".join(sys.argv[1:]))
     if getattr(args, "json", None):
         Path(args.json).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
         print(f"wrote {args.json}")
