@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated subset of {', '.join(BENCHMARKS)} (default: all)")
     p.add_argument("--cases", default=None,
                    help="projection cases as model:layer,... (default: vgg16 features.12/28, resnet18 layer2/4, "
-                        "googlenet inception4c, mobilenet_v2 features.7; quick: two of them)")
+                        "googlenet inception4c, mobilenet_v2 features.7; quick: resnet18 layer2.1.conv2)")
     p.add_argument("--methods", default=None, help="projection methods, e.g. guided,deconvnet (default: both; "
                                                    "quick: guided)")
     p.add_argument("--e2e-limit", type=int, default=None,
