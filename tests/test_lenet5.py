@@ -458,7 +458,7 @@ def test_cosine_recipe_schedule():
 def test_cli_unknown_model_lists_trainable(capsys):
     from interp.cli import main
 
-    assert main(["train", "resnet18", "--data", str(DATA)]) == 2
+    assert main(["train", "resnet19", "--data", str(DATA)]) == 2
     err = capsys.readouterr().err
     assert "not trainable" in err and "lenet5" in err and len(err.strip().splitlines()) == 1
 
