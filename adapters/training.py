@@ -14,14 +14,35 @@ Output folder ``OUT``:
 ``OUT/best.pt``
     Same content, for the epoch with the best validation top-1 so far.
 ``OUT/log.json``
-    The recipe, the seed, and one record per epoch (train loss/top-1, val
+    The recipe, the seed, the data pipeline (``amp``, ``channels_last``,
+    device-side batches), and one record per epoch (train loss/top-1, val
     loss/top-1/top-5, learning rate, seconds, images/s).
+
+Speed options of :func:`fit` (all also run on the CPU, so CI covers them):
+
+``amp``
+    bfloat16 autocast of the forward passes and the loss, on CUDA and on the
+    CPU alike (bf16 has float32's range, so no gradient scaler is needed;
+    on CPUs without native bf16 it is slower, but the same code path).
+``channels_last``
+    Model and 4-D input batches in ``torch.channels_last`` memory format
+    (the layout cuDNN's fastest convolutions use, especially with bf16).
+``batches``
+    An object such as :class:`adapters.gpu_data.DeviceImagenette` that
+    yields ready training/validation batches on the device (uint8 cache +
+    augmentation on the GPU) instead of the DataLoaders.
+With ``workers > 0`` the DataLoaders are built once and keep their worker
+processes (``persistent_workers``); ``pin_memory`` is on for CUDA.
 
 Exact resumption: the shuffling order of epoch ``e`` comes from a generator
 seeded with ``(seed, e)`` alone, the scheduler steps per batch and is saved,
 and the global RNG states are saved at the end of every epoch, so training
 ``k`` epochs, stopping, and resuming gives the same weights (on the same
-device and thread count) as training without a stop.
+device and thread count) as training without a stop. With ``workers > 0``
+each item's random augmentation is seeded from ``(seed, epoch, index)`` in
+the worker (the workers persist across epochs, so their own RNG streams
+would otherwise depend on the run's history); device-side batches draw
+their augmentation from a generator seeded with ``(seed, epoch)``.
 """
 from __future__ import annotations
 
@@ -39,7 +60,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from .checkpoint import atomic_save, load_checkpoint
 
@@ -229,17 +250,110 @@ def _loader(dataset: Dataset, batch_size: int, shuffle: bool, generator: torch.G
     )
 
 
+class _EpochSampler(Sampler):
+    """Yields ``(epoch, index)`` in the order :func:`_epoch_generator` shuffles epoch ``epoch``.
+
+    Set :attr:`epoch` before iterating. Used with persistent workers, where
+    one DataLoader serves every epoch; the order equals the one a fresh
+    ``DataLoader(shuffle=True, generator=_epoch_generator(seed, epoch))``
+    would draw (it takes one 64-bit draw for the workers' base seed, then
+    the permutation).
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n = n
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = _epoch_generator(self.seed, self.epoch)
+        torch.empty((), dtype=torch.int64).random_(generator=g)  # the DataLoader's base-seed draw
+        for i in torch.randperm(self.n, generator=g).tolist():
+            yield (self.epoch, i)
+
+
+class _SeededItems(Dataset):
+    """``dataset[index]`` with the worker's RNGs seeded from ``(seed, epoch, index)``.
+
+    Makes the random augmentation of an item independent of which (persistent)
+    worker loads it and of what that worker did before, so a resumed run sees
+    the same images. Only reseeds inside worker processes: in the main
+    process the global RNG belongs to the model (dropout) and is checkpointed.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        if get_worker_info() is not None:
+            s = (self.seed * 1_000_003 + epoch) * 10_000_019 + index
+            torch.manual_seed(s)
+            random.seed(s)
+            np.random.seed(s % 2**32)
+        return self.dataset[index]
+
+
+def _persistent_loader(dataset: Dataset, batch_size: int, sampler: Sampler | None, workers: int,
+                       device: torch.device) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=True,
+        drop_last=False,
+    )
+
+
+def _autocast(device: torch.device, amp: bool):
+    """bf16 autocast on ``device`` if ``amp``, else a no-op context."""
+    import contextlib
+
+    if not amp:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    dataset: Dataset,
+    dataset: Dataset | None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     scores_fn: Callable[[torch.Tensor], torch.Tensor] = _identity,
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     workers: int = 0,
+    *,
+    amp: bool = False,
+    channels_last: bool = False,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> dict[str, float]:
     """Loss, top-1 and (for more than 5 classes) top-5 accuracy of ``model`` on ``dataset``.
+
+    Parameters
+    ----------
+    amp, channels_last:
+        bf16 autocast / channels_last inputs (see :func:`fit`).
+    batches:
+        Ready ``(x, y)`` batches (a persistent DataLoader or device-side
+        batches) used instead of a fresh loader over ``dataset``.
 
     Returns
     -------
@@ -254,13 +368,19 @@ def evaluate(
     top1 = 0
     top5 = 0
     classes = 0
-    for x, y in _loader(dataset, batch_size, False, None, workers, device):
-        x = x.to(device, non_blocking=True)
+    if batches is None:
+        if dataset is None:
+            raise ValueError("evaluate needs a dataset or batches")
+        batches = _loader(dataset, batch_size, False, None, workers, device)
+    for x, y in batches:
+        x = _to_device(x, device, channels_last)
         y = y.to(device, non_blocking=True)
-        out = model(x)
-        if loss_fn is not None:
-            loss_sum += float(loss_fn(out, y)) * len(y)
-        scores = scores_fn(out)
+        with _autocast(device, amp):
+            out = model(x)
+            loss = loss_fn(out, y) if loss_fn is not None else None
+        if loss is not None:
+            loss_sum += float(loss) * len(y)
+        scores = scores_fn(out.float())
         classes = scores.shape[1]
         top1 += int((scores.argmax(1) == y).sum())
         if classes > 5:
@@ -302,6 +422,9 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    amp: bool = False,
+    channels_last: bool = False,
+    batches: Any | None = None,
 ) -> dict[str, Any]:
     """Train ``spec.model`` for ``spec.recipe.epochs`` epochs, checkpointing every epoch.
 
@@ -324,6 +447,15 @@ def fit(
         Show a tqdm bar per epoch (images/s as its rate).
     log:
         Where the one-line epoch summaries go.
+    amp:
+        bf16 autocast for forward passes and loss (CUDA and CPU).
+    channels_last:
+        Model and image batches in channels_last memory format.
+    batches:
+        Device-side batch source replacing the DataLoaders: an object with
+        ``n_train``, ``train_batches(seed, epoch, batch_size)`` (a function of
+        its arguments only, for exact resumption), ``val_batches(batch_size)``
+        and ``describe()``, e.g. :class:`adapters.gpu_data.DeviceImagenette`.
 
     Returns
     -------
@@ -340,9 +472,13 @@ def fit(
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but torch sees no CUDA GPU; use --device cpu")
     model = spec.model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     n_train = len(spec.train_set)
     if n_train == 0:
         raise ValueError("the training set is empty")
+    if batches is not None and batches.n_train != n_train:
+        raise ValueError(f"the device batches hold {batches.n_train} training images, the training set {n_train}")
     steps_per_epoch = math.ceil(n_train / recipe.batch_size)
     optimizer = recipe.make_optimizer(model.parameters())
     scheduler = recipe.make_scheduler(optimizer, steps_per_epoch)
@@ -403,30 +539,56 @@ def fit(
                 "val_n": len(spec.val_set) if spec.val_set is not None else 0,
                 "device": str(device),
                 "threads": torch.get_num_threads(),
+                "amp": "bf16" if amp else None,
+                "channels_last": channels_last,
+                "workers": workers,
+                "device_batches": batches.describe() if batches is not None else None,
                 "extra": spec.extra,
                 "epochs": history,
             },
             out / "log.json",
         )
 
+    # With workers, one DataLoader per split for the whole run (persistent
+    # worker processes: no start-up cost per epoch); see _SeededItems.
+    train_sampler = val_loader = persistent = None
+    if batches is None and workers > 0:
+        train_sampler = _EpochSampler(n_train, seed)
+        persistent = _persistent_loader(_SeededItems(spec.train_set, seed), recipe.batch_size, train_sampler,
+                                        workers, device)
+        if spec.val_set is not None:
+            val_loader = _persistent_loader(spec.val_set, 2 * recipe.batch_size, None, workers, device)
+    # Reading the running loss forces a device sync; on a GPU do it only every
+    # few batches so that the host can queue work ahead of the device.
+    sync_every = 1 if device.type == "cpu" else 25
+
     t_run = time.perf_counter()
     for epoch in range(start_epoch, recipe.epochs):
         model.train()
-        loader = _loader(spec.train_set, recipe.batch_size, True, _epoch_generator(seed, epoch), workers, device)
+        if batches is not None:
+            loader: Iterable = batches.train_batches(seed, epoch, recipe.batch_size)
+        elif persistent is not None:
+            train_sampler.epoch = epoch
+            loader = persistent
+        else:
+            loader = _loader(spec.train_set, recipe.batch_size, True, _epoch_generator(seed, epoch), workers, device)
         bar = tqdm(
             total=n_train, desc=f"epoch {epoch + 1}/{recipe.epochs}", unit="img", unit_scale=True,
             disable=not progress, leave=False, file=sys.stderr, mininterval=1.0,
         )
-        loss_sum = 0.0
-        correct = 0
+        # Running sums stay on the device (float64: same value as summing Python floats).
+        loss_acc = torch.zeros((), dtype=torch.float64, device=device)
+        correct_acc = torch.zeros((), dtype=torch.int64, device=device)
         seen = 0
+        step = 0
         t0 = time.perf_counter()
         for x, y in loader:
-            x = x.to(device, non_blocking=True)
+            x = _to_device(x, device, channels_last)
             y = y.to(device, non_blocking=True)
-            out_b = model(x)
-            loss = spec.loss_fn(out_b, y)
-            if not torch.isfinite(loss):
+            with _autocast(device, amp):
+                out_b = model(x)
+                loss = spec.loss_fn(out_b, y)
+            if sync_every == 1 and not torch.isfinite(loss):
                 raise RuntimeError(f"loss became {float(loss)} at epoch {epoch + 1}; lower the learning rate")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -435,12 +597,21 @@ def fit(
             optimizer.step()
             scheduler.step()
             with torch.no_grad():
-                loss_sum += float(loss) * len(y)
-                correct += int((spec.scores_fn(out_b).argmax(1) == y).sum())
+                loss_acc += loss.detach().double() * len(y)
+                correct_acc += (spec.scores_fn(out_b.detach().float()).argmax(1) == y).sum()
             seen += len(y)
+            step += 1
             bar.update(len(y))
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", refresh=False)
+            if step % sync_every == 0:
+                running = float(loss_acc) / seen
+                if not math.isfinite(running):
+                    raise RuntimeError(f"loss became {running} at epoch {epoch + 1}; lower the learning rate")
+                bar.set_postfix(loss=f"{running:.4f}", refresh=False)
         bar.close()
+        loss_sum = float(loss_acc)
+        correct = int(correct_acc)
+        if not math.isfinite(loss_sum):
+            raise RuntimeError(f"loss became {loss_sum / seen} at epoch {epoch + 1}; lower the learning rate")
         seconds = time.perf_counter() - t0
         record: dict[str, Any] = {
             "epoch": epoch + 1,
@@ -451,8 +622,10 @@ def fit(
             "images_per_s": seen / seconds,
         }
         if spec.val_set is not None:
+            val_batches = batches.val_batches(2 * recipe.batch_size) if batches is not None else val_loader
             val = evaluate(model, spec.val_set, spec.loss_fn, spec.scores_fn,
-                           batch_size=2 * recipe.batch_size, device=device, workers=workers)
+                           batch_size=2 * recipe.batch_size, device=device, workers=workers,
+                           amp=amp, channels_last=channels_last, batches=val_batches)
             record.update({f"val_{k}": v for k, v in val.items() if k != "n"})
         # Epoch-level schedules driven by a metric (ReduceLROnPlateau on val
         # top-1, adapters.recipes.EpochScheduler) step here, before the save.

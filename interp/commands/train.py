@@ -4,6 +4,15 @@ Writes ``OUT/last.pt``, ``OUT/best.pt``, ``OUT/log.json`` (see
 :mod:`adapters.training`) and, when the run is complete, the final weights
 ``OUT/MODEL.safetensors`` plus ``OUT/MODEL.json`` (metrics, time, recipe,
 seed, command) — the two files shipped under ``adapters/weights/``.
+
+GPU fast path (``--device cuda --amp --channels-last --cache-uint8 160
+--workers 16``): bf16 autocast, channels_last, pinned memory, persistent
+workers, and the Imagenette images decoded once into a uint8 tensor cache
+that lives on the GPU and is augmented there per batch
+(:mod:`adapters.gpu_data`, which lists what that augmentation approximates).
+The cache file goes next to the output folder (``OUT/../imagenette-uint8-
+SIZE-KEY.pt``, shared by the five models) unless ``--cache-file`` says
+otherwise. All options also run on the CPU (smoke runs, CI).
 """
 from __future__ import annotations
 
@@ -39,7 +48,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p = subparsers.add_parser(
         "train",
         help="train a built-in model (checkpoints, log, final weights)",
-        description="Train a built-in model with its recipe; resumable.",
+        description=(
+            "Train a built-in model with its recipe; resumable. On a GPU use e.g. "
+            "'--device cuda --amp --channels-last --cache-uint8 160 --workers 16': bf16 autocast, "
+            "channels_last, and Imagenette decoded once into a uint8 cache augmented on the GPU."
+        ),
     )
     p.add_argument("model", metavar="MODEL", help=f"one of: {', '.join(sorted(TRAINABLE))}")
     p.add_argument("--data", default=None,
@@ -51,7 +64,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--image-size", type=int, default=None,
                    help="train/eval crop size in px (Imagenette models; default the recipe's 224)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default: cpu")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="DataLoader workers, kept alive across epochs; with --cache-uint8 the decoding processes (default 0)")
+    p.add_argument("--amp", action="store_true",
+                   help="bf16 autocast (CUDA; on the CPU too, where it is mostly slower: for checking only)")
+    p.add_argument("--channels-last", action="store_true", help="model and batches in channels_last memory format")
+    p.add_argument("--cache-uint8", type=int, default=None, metavar="SIZE",
+                   help="Imagenette models: decode the images once at SIZExSIZE (e.g. 160) into a uint8 cache on "
+                        "the device and augment each batch there")
+    p.add_argument("--cache-file", default=None, metavar="PATH",
+                   help="where --cache-uint8 keeps its cache (default OUT/../imagenette-uint8-SIZE-KEY.pt; "
+                        "'none' keeps it in memory only)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--out", default=None, help="output folder (default out/train/MODEL)")
@@ -80,6 +103,17 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--limit must be >= 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.workers < 0:
+        raise ValueError("--workers must be >= 0")
+    if args.cache_uint8 is not None:
+        if TRAINABLE[args.model] != _IMAGENETTE:
+            raise ValueError(f"--cache-uint8 applies to the Imagenette models, not {args.model}")
+        if args.cache_uint8 < 8:
+            raise ValueError(f"--cache-uint8 SIZE must be >= 8 px, got {args.cache_uint8}")
+    elif args.cache_file is not None:
+        raise ValueError("--cache-file goes with --cache-uint8 SIZE")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but torch sees no CUDA GPU; use --device cpu")
     # Seed before the model is built: its initial weights are part of the run.
     seed_everything(args.seed)
     kwargs: dict[str, Any] = {"data_root": args.data, "limit": args.limit}
@@ -98,19 +132,48 @@ def run(args: argparse.Namespace) -> int:
     if changes:
         spec.recipe = dataclasses.replace(spec.recipe, **changes)
     out = Path(args.out) if args.out else Path("out") / "train" / args.model
+    batches = _device_batches(args, spec, out) if args.cache_uint8 is not None else None
     print(
         f"training {args.model} with recipe {spec.recipe.name}: {spec.recipe.epochs} epochs, batch "
         f"{spec.recipe.batch_size}, {len(spec.train_set)} training images, device {args.device}, "
-        f"{torch.get_num_threads()} threads -> {out}"
+        f"{torch.get_num_threads()} threads"
+        + (", bf16 autocast" if args.amp else "") + (", channels_last" if args.channels_last else "")
+        + (f", uint8 cache at {args.cache_uint8} px augmented on {args.device}" if batches is not None else "")
+        + f" -> {out}"
     )
     result = fit(
         spec, out, device=args.device, workers=args.workers, seed=args.seed,
         resume=args.resume, progress=not args.no_progress,
+        amp=args.amp, channels_last=args.channels_last, batches=batches,
     )
     history = result["history"]
     if len(history) == spec.recipe.epochs:
         _export(args, spec, history, out)
     return 0
+
+
+def _device_batches(args: argparse.Namespace, spec, out: Path):
+    """The :class:`adapters.gpu_data.DeviceImagenette` of ``--cache-uint8`` (decoded or read from its file)."""
+    from adapters import gpu_data
+    from adapters.imagenette import dataset_stats
+    from adapters.recipes import get_recipe
+
+    size = int(args.cache_uint8)
+    if args.cache_file is not None and args.cache_file.lower() == "none":
+        path = None
+    elif args.cache_file is not None:
+        path = Path(args.cache_file)
+    else:
+        key = gpu_data.cache_key(spec.train_set.fingerprint(), spec.val_set.fingerprint(), size)
+        path = out.resolve().parent / f"imagenette-uint8-{size}-{key}.pt"
+    train, val = gpu_data.load_or_decode(spec.train_set, spec.val_set, size, path, workers=args.workers,
+                                         progress=not args.no_progress)
+    recipe = get_recipe(args.model)
+    image_size = int(spec.recipe.image_size)
+    # dataset_stats is cached on disk: this is the same record training_setup used.
+    stats = dataset_stats(args.data)
+    return gpu_data.DeviceImagenette(train, val, gpu_data.aug_spec(recipe.train_transform, image_size), stats,
+                                     image_size, device=args.device)
 
 
 def _command(args: argparse.Namespace) -> str:
@@ -120,9 +183,13 @@ def _command(args: argparse.Namespace) -> str:
         ("--data", args.data), ("--epochs", args.epochs), ("--batch-size", args.batch_size),
         ("--lr", args.lr), ("--limit", args.limit), ("--image-size", args.image_size), ("--device", args.device),
         ("--workers", args.workers), ("--threads", args.threads), ("--seed", args.seed), ("--out", args.out),
+        ("--cache-uint8", getattr(args, "cache_uint8", None)), ("--cache-file", getattr(args, "cache_file", None)),
     ):
         if value is not None:
             parts += [flag, str(value)]
+    for flag, on in (("--amp", getattr(args, "amp", False)), ("--channels-last", getattr(args, "channels_last", False))):
+        if on:
+            parts.append(flag)
     return " ".join(shlex.quote(p) for p in parts)
 
 

@@ -1,0 +1,540 @@
+"""Decode Imagenette once into a uint8 tensor cache and augment whole batches on the device.
+
+The per-image PIL pipeline of :mod:`adapters.recipes` spends most of a GPU
+epoch decoding JPEGs. This module removes that cost:
+
+1. :func:`decode_uint8` decodes every image of a split once (in parallel, with
+   DataLoader worker processes) into a ``uint8`` tensor ``N x 3 x C x C``
+   (``C`` = the cache size, e.g. 160) plus the labels and each image's
+   original height and width. Each image is *squashed* to ``C x C`` (PIL
+   bilinear, as :func:`adapters.imagenette.compute_stats` measures), so no
+   content is cut off; because a squash is a separable linear rescaling,
+   normalised coordinates in ``[-1, 1]`` are the same in the original image
+   and in its stored square, and crops are computed in the original image's
+   pixel geometry, so the crops the model sees are not distorted.
+2. :func:`load_or_decode` keeps that cache in a file (atomic write, read with
+   ``weights_only=True``) keyed by the data's fingerprint and ``C``, so later
+   runs and the other models reuse it.
+3. :class:`DeviceImagenette` holds the cache on the training device and yields
+   ready batches: per batch ONE ``affine_grid`` + ``grid_sample`` performs the
+   recipe's random (resized) crop, the resize to the crop size and the
+   horizontal flip; then colour jitter / PCA lighting, and the normalisation
+   (dataset mean/std, or AlexNet's mean image). The random parameters come
+   from a CPU ``torch.Generator`` seeded with ``(seed, epoch)`` only, so a
+   batch is the same on any device and after a resume.
+
+What the fast path approximates (documented, measured on the same data):
+
+* Crop positions and sizes are continuous (sub-pixel) rather than integers,
+  and every resize is bilinear without antialiasing (shrinking aliases a
+  little; at 160 px cache and 224 px crops the crops are upscaled anyway).
+  InceptionNet's / ResNet-18's random choice among four interpolations is
+  replaced by bilinear; the random 256..480 shorter side is kept (as the
+  crop's size relative to the image).
+* Images are first squashed to ``C x C``: the longer side keeps ``C`` pixels
+  instead of ``C * aspect``, i.e. a little horizontal (or vertical) detail is
+  lost; the geometry is exact.
+* Colour jitter applies brightness, contrast, saturation and hue in one random
+  order per *batch* (torchvision draws the order per image); hue is a rotation
+  of the chroma plane in YIQ space, not torchvision's HSV hue shift.
+* AlexNet: PCA lighting (per-image RGB offset along the eigenvectors) and the
+  mean-image subtraction are done exactly on the tensors; the mean image is
+  sampled with the same crop grid as the image.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from .imagenette import DatasetStats
+
+__all__ = [
+    "CACHE_FORMAT",
+    "UInt8Split",
+    "decode_uint8",
+    "cache_key",
+    "load_or_decode",
+    "crop_theta",
+    "affine_crop",
+    "AugSpec",
+    "aug_spec",
+    "DeviceImagenette",
+]
+
+CACHE_FORMAT = "cnn-internals-uint8-cache/1"
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+@dataclass
+class UInt8Split:
+    """One split decoded into tensors.
+
+    Attributes
+    ----------
+    images:
+        ``uint8`` ``N x 3 x C x C``, each image squashed to ``C x C``.
+    labels:
+        ``int64`` ``N``.
+    sizes:
+        ``int64`` ``N x 2``: each image's original ``(height, width)``.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    sizes: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+
+class _Decode(Dataset):
+    """Item ``i``: (``uint8 3xCxC``, label, ``(h, w)``) of ``samples[i]``."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], size: int) -> None:
+        self.samples = list(samples)
+        self.size = int(size)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+        import numpy as np
+        from PIL import Image
+
+        from .imagenette import _rgb_loader
+
+        path, label = self.samples[i]
+        img = _rgb_loader(path)
+        w, h = img.size
+        if img.size != (self.size, self.size):
+            # PIL bilinear shrinks with antialiasing, as compute_stats does.
+            img = img.resize((self.size, self.size), Image.BILINEAR)
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+        return x, label, torch.tensor([h, w], dtype=torch.int64)
+
+
+def decode_uint8(samples: Sequence[tuple[str, int]], size: int, workers: int = 0,
+                 progress: bool = False, desc: str = "decode") -> UInt8Split:
+    """Decode ``(path, label)`` samples into a :class:`UInt8Split` at ``size x size``.
+
+    Parameters
+    ----------
+    samples:
+        ``(path, label)`` pairs, e.g. :attr:`adapters.imagenette.Imagenette.samples`.
+    size:
+        Side ``C`` of the stored squares.
+    workers:
+        Decoding processes (DataLoader workers; 0 = this process).
+    progress:
+        Show a tqdm bar.
+    desc:
+        Label of the bar.
+    """
+    if size < 1:
+        raise ValueError(f"cache size must be >= 1, got {size}")
+    if not samples:
+        raise ValueError("nothing to decode: the split is empty")
+    n = len(samples)
+    images = torch.empty(n, 3, size, size, dtype=torch.uint8)
+    labels = torch.empty(n, dtype=torch.int64)
+    sizes = torch.empty(n, 2, dtype=torch.int64)
+    loader = DataLoader(_Decode(samples, size), batch_size=64, shuffle=False, num_workers=workers)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, desc=desc, unit="img")
+    i = 0
+    for x, y, hw in loader:
+        images[i:i + len(y)] = x
+        labels[i:i + len(y)] = y
+        sizes[i:i + len(y)] = hw
+        i += len(y)
+        if bar is not None:
+            bar.update(len(y))
+    if bar is not None:
+        bar.close()
+    return UInt8Split(images, labels, sizes)
+
+
+def cache_key(train_fingerprint: str, val_fingerprint: str, size: int) -> str:
+    """16 hex digits identifying the data (both splits' fingerprints) and the cache size."""
+    return hashlib.sha256(f"{CACHE_FORMAT}|{train_fingerprint}|{val_fingerprint}|{size}".encode()).hexdigest()[:16]
+
+
+def load_or_decode(train_set: Any, val_set: Any, size: int, path: str | os.PathLike | None = None,
+                   workers: int = 0, progress: bool = False, log=print) -> tuple[UInt8Split, UInt8Split]:
+    """The two splits as :class:`UInt8Split`, from ``path`` if it holds them, else decoded (and saved).
+
+    Parameters
+    ----------
+    train_set, val_set:
+        :class:`adapters.imagenette.Imagenette` datasets (their ``samples`` and
+        ``fingerprint()`` are used; their transforms are not).
+    size:
+        Cache side ``C``.
+    path:
+        Cache file; ``None`` keeps the cache in memory only. A file whose key
+        does not match the data is decoded again and overwritten.
+    workers:
+        Decoding processes.
+    progress:
+        Show progress bars while decoding.
+    log:
+        Where the one-line "cache read / written" messages go.
+    """
+    from .checkpoint import atomic_save
+
+    key = cache_key(train_set.fingerprint(), val_set.fingerprint(), size)
+    if path is not None and Path(path).is_file():
+        try:
+            d = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # truncated / foreign file: decode afresh
+            log(f"ignoring unreadable uint8 cache {path} ({exc.__class__.__name__}); decoding again")
+            d = {}
+        if d.get("format") == CACHE_FORMAT and d.get("key") == key:
+            log(f"uint8 cache: read {path}")
+            return (UInt8Split(d["train_images"], d["train_labels"], d["train_sizes"]),
+                    UInt8Split(d["val_images"], d["val_labels"], d["val_sizes"]))
+    train = decode_uint8(train_set.samples, size, workers, progress, desc=f"decode train @{size}")
+    val = decode_uint8(val_set.samples, size, workers, progress, desc=f"decode val @{size}")
+    if path is not None:
+        atomic_save(
+            {"format": CACHE_FORMAT, "key": key, "size": int(size),
+             "train_images": train.images, "train_labels": train.labels, "train_sizes": train.sizes,
+             "val_images": val.images, "val_labels": val.labels, "val_sizes": val.sizes},
+            path,
+        )
+        log(f"uint8 cache: wrote {path} ({(train.images.numel() + val.images.numel()) / 2**20:.0f} MiB)")
+    return train, val
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def crop_theta(cx: torch.Tensor, cy: torch.Tensor, cw: torch.Tensor, ch: torch.Tensor,
+               width: torch.Tensor, height: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
+    """``B x 2 x 3`` affine matrices for ``affine_grid(align_corners=False)`` sampling crops.
+
+    The crop of image ``b`` is the axis-aligned box of centre ``(cx, cy)`` and
+    size ``cw x ch`` in continuous pixel coordinates of an image of
+    ``width x height`` (pixel ``j`` covers ``[j, j+1)``). ``flip`` (bool)
+    mirrors the crop horizontally. Because the coordinates are normalised,
+    the same matrix samples the image at any stored resolution, e.g. the
+    squashed square of the cache.
+    """
+    sx = cw / width
+    if flip is not None:
+        sx = torch.where(flip, -sx, sx)
+    theta = torch.zeros(cx.shape[0], 2, 3, dtype=torch.float32)
+    theta[:, 0, 0] = sx
+    theta[:, 0, 2] = 2 * cx / width - 1
+    theta[:, 1, 1] = ch / height
+    theta[:, 1, 2] = 2 * cy / height - 1
+    return theta
+
+
+def affine_crop(images: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
+    """Sample ``size x size`` crops of float ``images`` (``B x C x H x W``) with ONE ``grid_sample``.
+
+    Bilinear, ``align_corners=False``, border padding: for a whole-image
+    ``theta`` this equals ``F.interpolate(images, size, mode="bilinear")``
+    (and, mirrored, its ``torch.flip``).
+    """
+    grid = F.affine_grid(theta.to(images.device, images.dtype), [images.shape[0], images.shape[1], size, size],
+                         align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+# --------------------------------------------------------------------------- colour
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    # ITU-R 601 luma, the weights torchvision's rgb_to_grayscale uses.
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: Sequence[int]) -> torch.Tensor:
+    """Brightness, contrast, saturation, hue on float RGB batches in ``[0, 1]``, clamped after each step.
+
+    Parameters
+    ----------
+    x:
+        ``B x 3 x H x W``.
+    factors:
+        ``B x 4``: brightness, contrast and saturation multipliers (1 = no
+        change) and the hue shift in turns (0 = none; 0.5 = half a turn).
+    order:
+        Permutation of ``0..3``: the order the four operations are applied in.
+    """
+    f = factors.to(x.device, x.dtype)
+    for op in order:
+        if op == 0:
+            x = x * f[:, 0, None, None, None]
+        elif op == 1:
+            mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
+            c = f[:, 1, None, None, None]
+            x = c * x + (1 - c) * mean
+        elif op == 2:
+            s = f[:, 2, None, None, None]
+            x = s * x + (1 - s) * _gray(x)
+        else:
+            # Rotate the chroma (I, Q) plane by the hue angle: a linear stand-in for the HSV hue shift.
+            angle = 2 * math.pi * f[:, 3]
+            cos, sin = torch.cos(angle), torch.sin(angle)
+            rot = torch.zeros(x.shape[0], 3, 3, device=x.device, dtype=x.dtype)
+            rot[:, 0, 0] = 1
+            rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
+            yiq = _YIQ.to(x.device, x.dtype)
+            m = torch.linalg.inv(yiq) @ rot @ yiq  # B x 3 x 3
+            x = torch.einsum("bij,bjhw->bihw", m, x)
+        x = x.clamp(0, 1)
+    return x
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+@dataclass(frozen=True)
+class AugSpec:
+    """The tensor form of a recipe's transforms (see the module docstring).
+
+    Attributes
+    ----------
+    crop:
+        ``"resize_random"`` (shorter side to a length in ``short_range``,
+        random square crop), ``"rrc"`` (RandomResizedCrop with ``scale``),
+        ``"alexnet"`` (centre square, random crop at ``short_range[0]``,
+        mean-image subtraction) for training; val always takes the centre.
+    short_range:
+        Shorter side the image is resized to before the crop, in px at the
+        crop size (e.g. 256..256 or 256..480 for 224 crops).
+    scale, ratio:
+        RandomResizedCrop's area fraction and aspect ratio ranges.
+    jitter:
+        Colour jitter strengths (brightness, contrast, saturation, hue) or ``None``.
+    lighting:
+        PCA lighting alpha standard deviation (0 = none).
+    mean_image:
+        Subtract the dataset mean image (AlexNet) instead of mean/std normalisation.
+    """
+
+    crop: str
+    short_range: tuple[int, int]
+    scale: tuple[float, float] = (1.0, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    jitter: tuple[float, float, float, float] | None = None
+    lighting: float = 0.0
+    mean_image: bool = False
+
+
+def aug_spec(train_transform: str, image_size: int) -> AugSpec:
+    """The :class:`AugSpec` of a recipe's ``train_transform`` name at crop size ``image_size``."""
+    from .recipes import JITTER, _scaled
+
+    jit = (JITTER["brightness"], JITTER["contrast"], JITTER["saturation"], JITTER["hue"])
+    base = _scaled(image_size, 256)
+    specs = {
+        "alexnet_train": AugSpec("alexnet", (base, base), lighting=0.1, mean_image=True),
+        "vgg16_train": AugSpec("resize_random", (base, base), jitter=jit),
+        "inception_train": AugSpec("resize_random", (base, _scaled(image_size, 480)), jitter=jit),
+        "resnet18_train": AugSpec("resize_random", (base, _scaled(image_size, 480))),
+        "mobilenet_train": AugSpec("rrc", (base, base), scale=(0.5, 1.0), jitter=jit),
+    }
+    if train_transform not in specs:
+        raise ValueError(f"no GPU augmentation for transform {train_transform!r}; known: {', '.join(specs)}")
+    return specs[train_transform]
+
+
+def _uniform(g: torch.Generator, n: int, lo: float, hi: float) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=g, dtype=torch.float64)
+
+
+class DeviceImagenette:
+    """A uint8 split cache on the training device, yielding augmented, normalised batches.
+
+    Parameters
+    ----------
+    train, val:
+        The decoded splits.
+    spec:
+        The tensor form of the recipe's training transform (:func:`aug_spec`).
+    stats:
+        Dataset statistics (mean/std, eigen-decomposition, mean image).
+    image_size:
+        Crop side the model gets.
+    device:
+        Where the cache lives and the batches are made.
+    """
+
+    def __init__(self, train: UInt8Split, val: UInt8Split, spec: AugSpec, stats: DatasetStats,
+                 image_size: int, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.spec = spec
+        self.image_size = int(image_size)
+        self.train = UInt8Split(train.images.to(self.device), train.labels.to(self.device), train.sizes.clone())
+        self.val = UInt8Split(val.images.to(self.device), val.labels.to(self.device), val.sizes.clone())
+        self.mean = stats.mean.to(self.device, torch.float32)[None, :, None, None]
+        self.std = stats.std.to(self.device, torch.float32)[None, :, None, None]
+        self.eigvals = stats.eigvals.to(torch.float64)
+        self.eigvecs = stats.eigvecs.to(torch.float64)
+        base = spec.short_range[0]
+        self.mean_image = stats.mean_image_at(base).to(self.device, torch.float32)[None] if spec.mean_image else None
+
+    @property
+    def n_train(self) -> int:
+        """Number of training images."""
+        return len(self.train)
+
+    def describe(self) -> dict[str, Any]:
+        """Plain record of the pipeline, for the training log."""
+        return {"cache_size": int(self.train.images.shape[-1]), "image_size": self.image_size,
+                "aug": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.spec.__dict__.items()}}
+
+    # -- parameters (CPU, float64, from the generator only: device-independent) --
+
+    def _train_boxes(self, sizes: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """Crop boxes ``(cx, cy, cw, ch)`` in original pixels, plus AlexNet's mean-image offsets."""
+        b = sizes.shape[0]
+        h, w = sizes[:, 0].double(), sizes[:, 1].double()
+        short = torch.minimum(h, w)
+        s = self.spec
+        out = self.image_size
+        mean_off = None
+        if s.crop == "resize_random":
+            lo, hi = s.short_range
+            length = torch.randint(lo, hi + 1, (b,), generator=g).double()
+            side = out * short / length  # the crop, in original pixels
+            cw = ch = side
+            x0 = _uniform(g, b, 0, 1) * (w - side)
+            y0 = _uniform(g, b, 0, 1) * (h - side)
+        elif s.crop == "rrc":
+            cw, ch, x0, y0 = self._rrc(h, w, g)
+        elif s.crop == "alexnet":
+            base = s.short_range[0]
+            # Integer offsets in the base square, so the mean image's pixels line up with the crop.
+            ox = torch.randint(0, base - out + 1, (b,), generator=g).double()
+            oy = torch.randint(0, base - out + 1, (b,), generator=g).double()
+            px = short / base  # original pixels per base pixel
+            cw = ch = out * px
+            x0 = (w - short) / 2 + ox * px
+            y0 = (h - short) / 2 + oy * px
+            mean_off = (ox, oy)
+        else:
+            raise ValueError(f"unknown crop kind {s.crop!r}")
+        return x0 + cw / 2, y0 + ch / 2, cw, ch, mean_off
+
+    def _rrc(self, h: torch.Tensor, w: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """RandomResizedCrop boxes, vectorised: 10 tries per image, then torchvision's fallback."""
+        b = h.shape[0]
+        tries = 10
+        area = (h * w)[:, None]
+        target = area * _uniform(g, b * tries, *self.spec.scale).view(b, tries)
+        lr = (math.log(self.spec.ratio[0]), math.log(self.spec.ratio[1]))
+        ratio = torch.exp(_uniform(g, b * tries, *lr).view(b, tries))
+        cw_t = torch.sqrt(target * ratio)
+        ch_t = torch.sqrt(target / ratio)
+        fits = (cw_t <= w[:, None]) & (ch_t <= h[:, None])
+        first = fits.double().argmax(1)
+        ok = fits.any(1)
+        cw = cw_t.gather(1, first[:, None])[:, 0]
+        ch = ch_t.gather(1, first[:, None])[:, 0]
+        # Fallback (no try fitted): the whole image, its aspect clamped to the ratio range, centred.
+        in_ratio = w / h
+        fw = torch.where(in_ratio < self.spec.ratio[0], w, torch.where(in_ratio > self.spec.ratio[1], h * self.spec.ratio[1], w))
+        fh = torch.where(in_ratio < self.spec.ratio[0], w / self.spec.ratio[0], h)
+        cw = torch.where(ok, cw, fw)
+        ch = torch.where(ok, ch, fh)
+        ux, uy = _uniform(g, b, 0, 1), _uniform(g, b, 0, 1)
+        x0 = torch.where(ok, ux * (w - cw), (w - cw) / 2)
+        y0 = torch.where(ok, uy * (h - ch), (h - ch) / 2)
+        return cw, ch, x0, y0
+
+    def _val_boxes(self, sizes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # Resize the shorter side to short_range[0], central crop: a centred square of
+        # side short * S / base in original pixels (AlexNet's two centre crops compose to the same).
+        h, w = sizes[:, 0].double(), sizes[:, 1].double()
+        side = torch.minimum(h, w) * self.image_size / self.spec.short_range[0]
+        return w / 2, h / 2, side, side
+
+    # -- batches --
+
+    def _finish(self, x: torch.Tensor, mean_theta: torch.Tensor | None, lighting: torch.Tensor | None,
+                jitter: tuple[torch.Tensor, list[int]] | None) -> torch.Tensor:
+        x = x / 255.0
+        if jitter is not None:
+            x = color_jitter(x, *jitter)
+        if lighting is not None:
+            x = x + lighting.to(x.device, x.dtype)[:, :, None, None]
+        if self.mean_image is not None:
+            mean = affine_crop(self.mean_image.expand(x.shape[0], -1, -1, -1), mean_theta, self.image_size)
+            return x - mean
+        return (x - self.mean) / self.std
+
+    def train_batches(self, seed: int, epoch: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Epoch ``epoch``'s shuffled, augmented batches ``(x float Bx3xSxS, y)``; a function of ``(seed, epoch)``."""
+        g = torch.Generator()
+        # Its own stream, apart from the DataLoader path's shuffling generator.
+        g.manual_seed(seed * 100_003 + epoch + 0x5EED_0000)
+        n = self.n_train
+        order = torch.randperm(n, generator=g)
+        s = self.spec
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            b = len(idx)
+            sizes = self.train.sizes[idx]
+            cx, cy, cw, ch, mean_off = self._train_boxes(sizes, g)
+            flip = torch.rand(b, generator=g) < 0.5
+            h, w = sizes[:, 0].double(), sizes[:, 1].double()
+            theta = crop_theta(cx, cy, cw, ch, w, h, flip)
+            mean_theta = None
+            if mean_off is not None:
+                base = torch.full((b,), float(s.short_range[0]), dtype=torch.float64)
+                ox, oy = mean_off
+                side = torch.full((b,), float(self.image_size), dtype=torch.float64)
+                mean_theta = crop_theta(ox + side / 2, oy + side / 2, side, side, base, base, flip)
+            jitter = None
+            if s.jitter is not None:
+                bj, cj, sj, hj = s.jitter
+                lo = torch.tensor([max(0.0, 1 - bj), max(0.0, 1 - cj), max(0.0, 1 - sj), -hj], dtype=torch.float64)
+                hi = torch.tensor([1 + bj, 1 + cj, 1 + sj, hj], dtype=torch.float64)
+                factors = lo + (hi - lo) * torch.rand(b, 4, generator=g, dtype=torch.float64)
+                jitter = (factors.float(), torch.randperm(4, generator=g).tolist())
+            lighting = None
+            if s.lighting > 0:
+                alpha = torch.randn(b, 3, generator=g, dtype=torch.float64) * s.lighting
+                lighting = ((alpha * self.eigvals) @ self.eigvecs.T).float()
+            idx_d = idx.to(self.device)
+            x = affine_crop(self.train.images[idx_d].float(), theta, self.image_size)
+            yield self._finish(x, mean_theta, lighting, jitter), self.train.labels[idx_d]
+
+    def val_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The validation split in order, centre-cropped and normalised."""
+        n = len(self.val)
+        base = float(self.spec.short_range[0])
+        for start in range(0, n, batch_size):
+            sl = slice(start, min(n, start + batch_size))
+            sizes = self.val.sizes[sl]
+            b = sizes.shape[0]
+            h, w = sizes[:, 0].double(), sizes[:, 1].double()
+            theta = crop_theta(*self._val_boxes(sizes), w, h)
+            mean_theta = None
+            if self.mean_image is not None:
+                full = torch.full((b,), base, dtype=torch.float64)
+                side = torch.full((b,), float(self.image_size), dtype=torch.float64)
+                mean_theta = crop_theta(full / 2, full / 2, side, side, full, full)
+            x = affine_crop(self.val.images[sl].float(), theta, self.image_size)
+            yield self._finish(x, mean_theta, None, None), self.val.labels[sl]

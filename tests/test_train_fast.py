@@ -1,0 +1,177 @@
+"""The GPU fast path of training, on the CPU: uint8 cache, batched affine crops, amp, channels_last, resume."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from adapters import gpu_data as G
+from adapters.imagenette import Imagenette, fallback_stats
+from adapters.training import Recipe, TrainSpec, fit
+from interp.cli import main
+
+
+def test_uint8_cache_has_the_pil_pixels(data_root):
+    from PIL import Image
+
+    ds = Imagenette(data_root / "imagenette2-160", "val", limit=3)
+    for size in (160, 40):
+        split = G.decode_uint8(ds.samples, size)
+        assert split.images.shape == (3, 3, size, size) and split.images.dtype == torch.uint8
+        assert split.labels.tolist() == ds.targets
+        for i, (path, _) in enumerate(ds.samples):
+            img = Image.open(path).convert("RGB")
+            assert split.sizes[i].tolist() == [img.height, img.width]
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.BILINEAR)
+            assert np.array_equal(split.images[i].permute(1, 2, 0).numpy(), np.asarray(img))
+
+
+def _whole(b: int, h: float, w: float, flip: bool = False) -> torch.Tensor:
+    one = torch.ones(b, dtype=torch.float64)
+    return G.crop_theta(one * w / 2, one * h / 2, one * w, one * h, one * w, one * h,
+                        torch.full((b,), flip))
+
+
+def test_whole_image_crop_is_a_bilinear_resize_and_flip_is_torch_flip():
+    x = torch.rand(2, 3, 16, 16)
+    plain = G.affine_crop(x, _whole(2, 16, 16), 24)
+    ref = F.interpolate(x, size=(24, 24), mode="bilinear", align_corners=False)
+    assert torch.allclose(plain, ref, atol=1e-5)
+    flipped = G.affine_crop(x, _whole(2, 16, 16, flip=True), 24)
+    assert torch.allclose(flipped, torch.flip(ref, dims=[-1]), atol=1e-5)
+
+
+def test_box_crop_equals_torchvision_resized_crop_and_slicing():
+    from torchvision.transforms.v2 import functional as TF
+
+    x = torch.rand(1, 3, 40, 40)
+    one = torch.ones(1, dtype=torch.float64)
+    # top 5, left 7, 30x30 box shrunk to 20x20 (no antialias: a plain bilinear resize).
+    theta = G.crop_theta(one * (7 + 15), one * (5 + 15), one * 30, one * 30, one * 40, one * 40)
+    ref = TF.resized_crop(x, 5, 7, 30, 30, [20, 20], antialias=False)
+    assert torch.allclose(G.affine_crop(x, theta, 20), ref, atol=1e-5)
+    # A 16x16 box at scale 1 lands on pixel centres: it is a slice.
+    theta = G.crop_theta(one * (9 + 8), one * (3 + 8), one * 16, one * 16, one * 40, one * 40)
+    assert torch.allclose(G.affine_crop(x, theta, 16), x[..., 3:19, 9:25], atol=1e-5)
+
+
+def test_color_jitter_neutral_factors_and_brightness():
+    x = torch.rand(2, 3, 8, 8)
+    neutral = torch.tensor([[1.0, 1.0, 1.0, 0.0]] * 2)
+    assert torch.allclose(G.color_jitter(x, neutral, [3, 2, 1, 0]), x, atol=1e-5)
+    half = torch.tensor([[0.5, 1.0, 1.0, 0.0]] * 2)
+    assert torch.allclose(G.color_jitter(x, half, [0, 1, 2, 3]), x * 0.5, atol=1e-6)
+
+
+def _synthetic(n: int, size: int, seed: int) -> G.UInt8Split:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+    sizes = torch.tensor([[160, 213] if i % 2 else [213, 160] for i in range(n)])
+    return G.UInt8Split(images, torch.arange(n) % 10, sizes)
+
+
+def test_val_batch_of_a_flat_image_is_its_normalised_colour():
+    stats = fallback_stats()
+    val = _synthetic(2, 24, 0)
+    val.images[:] = torch.tensor([200, 100, 50], dtype=torch.uint8)[None, :, None, None]
+    data = G.DeviceImagenette(_synthetic(4, 24, 1), val, G.aug_spec("resnet18_train", 16), stats, 16)
+    (x, y), = list(data.val_batches(8))
+    expected = (torch.tensor([200, 100, 50]) / 255.0 - stats.mean) / stats.std
+    assert x.shape == (2, 3, 16, 16) and y.tolist() == [0, 1]
+    assert torch.allclose(x, expected[None, :, None, None].expand_as(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("recipe", ["alexnet_train", "vgg16_train", "inception_train", "mobilenet_train"])
+def test_train_batches_are_a_function_of_seed_and_epoch(recipe):
+    stats = fallback_stats()
+    size = 32 if recipe != "alexnet_train" else 40
+    data = G.DeviceImagenette(_synthetic(6, 24, 2), _synthetic(2, 24, 3), G.aug_spec(recipe, size), stats, size)
+    a = list(data.train_batches(seed=3, epoch=1, batch_size=4))
+    b = list(data.train_batches(seed=3, epoch=1, batch_size=4))
+    c = list(data.train_batches(seed=3, epoch=2, batch_size=4))
+    assert [x.shape[0] for x, _ in a] == [4, 2] and a[0][0].shape[1:] == (3, size, size)
+    assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(a, b))
+    assert not torch.equal(a[0][0], c[0][0])
+    assert sorted(torch.cat([y for _, y in a]).tolist()) == sorted(data.train.labels.tolist())
+
+
+class _Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.adaptive_avg_pool2d(torch.relu(self.bn(self.conv(x))), 1).flatten(1))
+
+
+def _fast_run(out, stop_after_first: bool = False, resume: bool = False):
+    torch.manual_seed(0)
+    model = _Tiny()
+    data = G.DeviceImagenette(_synthetic(12, 24, 4), _synthetic(6, 24, 5), G.aug_spec("mobilenet_train", 16),
+                              fallback_stats(), 16)
+    spec = TrainSpec(
+        model=model, train_set=TensorDataset(torch.zeros(12)), val_set=TensorDataset(torch.zeros(6)),
+        recipe=Recipe(name="fast", epochs=2, batch_size=4, lr=1e-2), loss_fn=nn.CrossEntropyLoss(),
+    )
+
+    class Stop(Exception):
+        pass
+
+    def log(msg: str) -> None:
+        if stop_after_first and msg.startswith("epoch 1/2"):
+            raise Stop
+
+    try:
+        result = fit(spec, out, seed=5, progress=False, log=log, resume=resume, amp=True, channels_last=True,
+                     batches=data)
+    except Stop:
+        return None, model
+    return result, model
+
+
+def test_fit_on_device_batches_with_amp_resumes_exactly(tmp_path):
+    full, model_a = _fast_run(tmp_path / "a")
+    assert [r["epoch"] for r in full["history"]] == [1, 2] and "val_top5" in full["history"][1]
+    assert full["history"][1]["images_per_s"] > 0
+    log = json.loads((tmp_path / "a" / "log.json").read_text())
+    assert log["amp"] == "bf16" and log["channels_last"] and log["device_batches"]["aug"]["crop"] == "rrc"
+    _fast_run(tmp_path / "b", stop_after_first=True)
+    resumed, model_c = _fast_run(tmp_path / "b", resume=True)
+    assert resumed["epochs_run"] == 1
+    assert resumed["history"][1]["train_loss"] == full["history"][1]["train_loss"]
+    a, c = model_a.state_dict(), model_c.state_dict()
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_cli_fast_path_smoke_and_resume(data_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    cache = tmp_path / "cache.pt"
+    args = ["train", "resnet18", "--data", str(data_root), "--cache-uint8", "32", "--image-size", "32",
+            "--limit", "10", "--amp", "--channels-last", "--epochs", "1", "--batch-size", "10",
+            "--out", str(out), "--cache-file", str(cache), "--no-progress"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert "uint8 cache: wrote" in first and "epoch 1/1" in first and "img/s" in first
+    assert (out / "last.pt").is_file() and (out / "log.json").is_file() and cache.is_file()
+    log = json.loads((out / "log.json").read_text())
+    assert log["device_batches"]["cache_size"] == 32 and log["epochs"][0]["images_per_s"] > 0
+    record = json.loads((out / "resnet18.json").read_text())
+    assert "--cache-uint8 32" in record["command"] and "--amp" in record["command"]
+    assert main(args + ["--resume"]) == 0
+    again = capsys.readouterr().out
+    assert "uint8 cache: read" in again and "1/1 epochs done" in again
+
+
+def test_cache_option_errors(capsys):
+    assert main(["train", "lenet5", "--cache-uint8", "32"]) == 2
+    assert "--cache-uint8 applies to the Imagenette models, not lenet5" in capsys.readouterr().err
+    assert main(["train", "resnet18", "--cache-file", "x.pt"]) == 2
+    assert "--cache-file goes with --cache-uint8" in capsys.readouterr().err
