@@ -329,3 +329,19 @@ def test_receptive_field_crop_is_exact(arch, layer, size, methods):
     outside = full[0].clone()
     outside[:, top:bottom, left:right] = 0
     assert outside.abs().max() == 0
+
+
+@pytest.mark.parametrize("method", ["guided", "deconvnet"])
+def test_shared_forward_for_units_of_the_same_image_is_exact(method):
+    """Many units per image take the one-forward, several-backward path; results match one row per unit."""
+    from interp.project import _rounds
+
+    model = torchvision.models.resnet18().eval()
+    images = torch.randn(3, 3, 48, 48)
+    units = [(n, c, c % 2, 1) for n in range(3) for c in range(6)]  # 6 units on each of 3 images
+    assert _rounds(torch.tensor(units), [(0, 0, 48, 48, 1, 1)] * 18, list(range(18))) is not None
+    shared = interp.project(model, images, "layer4.1.conv2", units, method=method, crop=False)
+    one_row_each = torch.stack([interp.project(model, images, "layer4.1.conv2", [u], method=method, crop=False)[0]
+                                for u in units])
+    assert shared.abs().sum() > 0
+    assert rel_diff(shared, one_row_each) < 1e-5
