@@ -39,7 +39,7 @@ section.layer h2{font-size:17px;margin:4px 0}
 #viewer{position:fixed;right:0;top:52px;width:320px;padding:10px;background:#fff;border-left:1px solid #ddd;
   height:calc(100vh - 72px);overflow:auto}
 #viewer .frame{position:relative;width:300px;line-height:0;background:#888}
-#viewer-img{width:100%;height:100%;image-rendering:pixelated}
+#viewer-img{width:100%;height:100%;image-rendering:pixelated;visibility:hidden}
 #viewer-box{position:absolute;border:2px solid #f22;box-shadow:0 0 0 1px #fff;box-sizing:border-box;display:none}
 #viewer-caption{font-size:12px;line-height:1.4;margin-top:8px;word-break:break-all}
 .hint{font-size:12px;color:#666}
@@ -60,6 +60,7 @@ _JS = """
     // before the image has loaded.
     frame.style.aspectRatio = w + ' / ' + h;
     img.src = tile.getAttribute('data-input');
+    img.style.visibility = 'visible';  // hidden until a tile is chosen: no broken-image icon
     box.style.top = (100 * b[0] / h) + '%';
     box.style.left = (100 * b[1] / w) + '%';
     box.style.height = (100 * (b[2] - b[0]) / h) + '%';
