@@ -190,7 +190,6 @@ def project(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
     device = model_device(model, images.device)
-    n_img, _, height, width = images.shape
     result = torch.zeros((len(units_t),) + tuple(images.shape[1:]), dtype=images.dtype, device=images.device)
     with preserved(model, eval_mode=True):
         ref = resolve_layer(model, layer)
@@ -254,19 +253,28 @@ def _project_chunk(model, ref, images, units_t, plans, idx, mode_factory, device
     """Forward+backward one chunk of units that share a crop shape."""
     rounds = _rounds(units_t, plans, idx)
     if rounds is not None:
-        _project_shared(model, ref, images, units_t, plans, rounds, mode_factory, device, result)
+        # One row per distinct input (round 0 holds one unit of each); later
+        # rounds reuse those rows.
+        row_of = {_input_key(units_t, plans, i): row for row, i in enumerate(rounds[0])}
+        plan = [[(row_of[_input_key(units_t, plans, i)], i) for i in members] for members in rounds]
+        _project_rows(model, ref, images, units_t, plans, rounds[0], plan, mode_factory, device, result)
         return
-    if len(idx) > batch_size:  # one row per unit: keep the rows per pass bounded
-        for start in range(0, len(idx), batch_size):
-            _project_rows(model, ref, images, units_t, plans, idx[start : start + batch_size], mode_factory, device, result)
-        return
-    _project_rows(model, ref, images, units_t, plans, idx, mode_factory, device, result)
+    # One row per unit, at most batch_size rows per pass.
+    for start in range(0, len(idx), batch_size):
+        rows = idx[start : start + batch_size]
+        plan = [list(enumerate(rows))]
+        _project_rows(model, ref, images, units_t, plans, rows, plan, mode_factory, device, result)
 
 
-def _project_rows(model, ref, images, units_t, plans, idx, mode_factory, device, result) -> None:
-    """One input row per unit: one forward and one summed backward."""
+def _project_rows(model, ref, images, units_t, plans, inputs, rounds, mode_factory, device, result) -> None:
+    """Forward the inputs of ``inputs`` (one row each) once, then one summed backward per round.
+
+    ``rounds`` is a list of ``[(row, unit), ...]`` with each row at most once
+    per round, so the gradient of a round's summed activations in row ``r``
+    is exactly its unit's own gradient.
+    """
     crops = []
-    for i in idx:
+    for i in inputs:
         top, left, bottom, right, _, _ = plans[i]
         crops.append(images.detach()[int(units_t[i, 0]), :, top:bottom, left:right])
     leaf = torch.stack(crops).to(device).requires_grad_(True)
@@ -274,43 +282,20 @@ def _project_rows(model, ref, images, units_t, plans, idx, mode_factory, device,
         # clone: an in-place op at the model's very first step must not touch
         # the leaf we differentiate against.
         out = forward_to(model, ref, leaf.clone())
-    ys = torch.tensor([plans[i][4] for i in idx], device=out.device)
-    xs = torch.tensor([plans[i][5] for i in idx], device=out.device)
-    if int(ys.max()) >= out.shape[2] or int(xs.max()) >= out.shape[3]:  # pragma: no cover - guard
-        raise RuntimeError("internal error: cropped unit position falls outside the cropped output")
-    cs = units_t[idx, 1].to(out.device)
-    selected = out[torch.arange(len(idx), device=out.device), cs, ys, xs]
-    if not selected.requires_grad:
-        raise ValueError(f"layer {ref.name!r} output does not depend on the input images")
-    (grad,) = torch.autograd.grad(selected.sum(), leaf)
-    grad = grad.to(result.device)
-    for row, i in enumerate(idx):
-        top, left, bottom, right, _, _ = plans[i]
-        result[i, :, top:bottom, left:right] = grad[row]
-
-
-def _project_shared(model, ref, images, units_t, plans, rounds, mode_factory, device, result) -> None:
-    """One forward per distinct input, one backward per round (see :func:`_rounds`)."""
-    inputs = rounds[0]  # round 0 holds one unit of every distinct input, in input order
-    row_of = {_input_key(units_t, plans, i): row for row, i in enumerate(inputs)}
-    crops = []
-    for i in inputs:
-        top, left, bottom, right, _, _ = plans[i]
-        crops.append(images.detach()[int(units_t[i, 0]), :, top:bottom, left:right])
-    leaf = torch.stack(crops).to(device).requires_grad_(True)
-    with torch.enable_grad(), mode_factory():
-        out = forward_to(model, ref, leaf.clone())
-    for r, members in enumerate(rounds):
-        rows = torch.tensor([row_of[_input_key(units_t, plans, i)] for i in members], device=out.device)
+    for r, pairs in enumerate(rounds):
+        rows = torch.tensor([row for row, _ in pairs], device=out.device)
+        members = [i for _, i in pairs]
         cs = units_t[members, 1].to(out.device)
         ys = torch.tensor([plans[i][4] for i in members], device=out.device)
         xs = torch.tensor([plans[i][5] for i in members], device=out.device)
+        if int(ys.max()) >= out.shape[2] or int(xs.max()) >= out.shape[3]:  # pragma: no cover - guard
+            raise RuntimeError("internal error: cropped unit position falls outside the cropped output")
         selected = out[rows, cs, ys, xs]
         if not selected.requires_grad:
             raise ValueError(f"layer {ref.name!r} output does not depend on the input images")
         (grad,) = torch.autograd.grad(selected.sum(), leaf, retain_graph=r < len(rounds) - 1)
         grad = grad.to(result.device)
-        for row, i in zip(rows.tolist(), members):
+        for row, i in pairs:
             top, left, bottom, right, _, _ = plans[i]
             result[i, :, top:bottom, left:right] = grad[row]
 
