@@ -202,6 +202,25 @@ def _is_map(node: fx.Node) -> bool:
     return shape is not None and len(shape) == 4
 
 
+def _local_module_field(mod: nn.Module, f: _F) -> _F | None:
+    """Field after a conv, pooling or padding module; ``None`` for any other module."""
+    if isinstance(mod, nn.Conv2d):
+        k, s, d = _pair(mod.kernel_size), _pair(mod.stride), _pair(mod.dilation)
+        return f.window(k, s, _conv_padding(mod.padding, k, d), d)
+    if isinstance(mod, nn.MaxPool2d):
+        k = _pair(mod.kernel_size)
+        s = _pair(mod.stride if mod.stride is not None else mod.kernel_size)
+        return f.window(k, s, _pair(mod.padding), _pair(mod.dilation), channelwise=True)
+    if isinstance(mod, (nn.AvgPool2d, nn.LPPool2d)):
+        k = _pair(mod.kernel_size)
+        s = _pair(mod.stride if mod.stride is not None else mod.kernel_size)
+        return f.window(k, s, _pair(getattr(mod, "padding", 0)), channelwise=True)
+    if isinstance(mod, (nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d)):
+        pad = mod.padding if isinstance(mod.padding, (tuple, list)) else (mod.padding,) * 4
+        return f.shift(pad[2], pad[0])
+    return None
+
+
 class _Propagator:
     """Receptive fields of all nodes of a traced, shape-propagated graph."""
 
@@ -243,22 +262,11 @@ class _Propagator:
         return self._generic(node, inputs, notes)
 
     def _module_rule(self, mod: nn.Module, node, f: _F, notes, where: str) -> _F | None:
-        if isinstance(mod, nn.Conv2d):
-            k, s, d = _pair(mod.kernel_size), _pair(mod.stride), _pair(mod.dilation)
-            return f.window(k, s, _conv_padding(mod.padding, k, d), d)
-        if isinstance(mod, nn.MaxPool2d):
-            k = _pair(mod.kernel_size)
-            s = _pair(mod.stride if mod.stride is not None else mod.kernel_size)
-            return f.window(k, s, _pair(mod.padding), _pair(mod.dilation), channelwise=True)
-        if isinstance(mod, (nn.AvgPool2d, nn.LPPool2d)):
-            k = _pair(mod.kernel_size)
-            s = _pair(mod.stride if mod.stride is not None else mod.kernel_size)
-            return f.window(k, s, _pair(getattr(mod, "padding", 0)), channelwise=True)
+        local = _local_module_field(mod, f)
+        if local is not None:
+            return local
         if isinstance(mod, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
             return self._adaptive(node, f, notes, where)
-        if isinstance(mod, (nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d)):
-            pad = mod.padding if isinstance(mod.padding, (tuple, list)) else (mod.padding,) * 4
-            return f.shift(pad[2], pad[0])
         if isinstance(mod, (nn.ConvTranspose2d, nn.Upsample, nn.PixelShuffle)):
             notes.append(f"{where} ({type(mod).__name__}): upsampling not analysed; field taken as the whole input")
             return _F(glob=True, stride=f.stride)
@@ -532,14 +540,9 @@ def _by_hooks(model, name, target, input_size, in_channels, reason) -> Receptive
     notes = [f"model not fx-traceable ({reason}); field composed from modules in call order, ignoring branches"]
     out_size = None
     for mname, mod, ins, outs in calls:
-        if isinstance(mod, nn.Conv2d):
-            k, s, d = _pair(mod.kernel_size), _pair(mod.stride), _pair(mod.dilation)
-            f = f.window(k, s, _conv_padding(mod.padding, k, d), d)
-        elif isinstance(mod, (nn.MaxPool2d, nn.AvgPool2d)):
-            k = _pair(mod.kernel_size)
-            s = _pair(mod.stride if mod.stride is not None else mod.kernel_size)
-            d = _pair(getattr(mod, "dilation", 1))
-            f = f.window(k, s, _pair(mod.padding), d)
+        local = _local_module_field(mod, f)
+        if local is not None:
+            f = local
         elif ins is not None and outs is not None and (len(outs) != 4 or tuple(ins[2:]) != tuple(outs[2:])):
             if len(outs) == 4 and isinstance(mod, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) and all(
                 ins[2 + i] % outs[2 + i] == 0 for i in range(2)
