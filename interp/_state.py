@@ -15,6 +15,10 @@ import torch
 from torch import nn
 
 
+class StopForward(Exception):
+    """Raised by a forward hook to skip the rest of a forward pass once the needed layer ran."""
+
+
 class HookSet:
     """A group of hook handles removed together; use as a context manager."""
 

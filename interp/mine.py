@@ -16,16 +16,12 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from ._state import preserved
+from ._state import StopForward, preserved
 from .topk import Entry, LayerInfo, TopK
 
 __all__ = ["mine", "resolve_layers"]
 
 DEFAULT_CHANNELS = 6
-
-
-class _StopForward(Exception):
-    """Raised by the last hook to skip the rest of the forward pass."""
 
 
 def resolve_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
@@ -302,7 +298,7 @@ def mine(
             fired.add(name)
             running[name].update(output, current["index"])
             if len(fired) == len(names):
-                raise _StopForward
+                raise StopForward
             return None
 
         return hook
@@ -334,7 +330,7 @@ def mine(
                     current["index"] = idx
                     try:
                         model(xs.to(dev))
-                    except _StopForward:
+                    except StopForward:
                         pass
                     missing = [n for n in names if n not in fired]
                     if missing:

@@ -20,14 +20,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ._state import HookSet, model_device, preserved
+from ._state import HookSet, StopForward, model_device, preserved
 from ._trace import trace
 from .layers import LayerRef, resolve_layer
 from .rules import METHODS, RuleMode
-
-
-class _Stop(Exception):
-    """Raised by a forward hook once the requested layer has produced its output."""
 
 
 def forward_to(model: nn.Module, ref: LayerRef, x: torch.Tensor) -> torch.Tensor:
@@ -41,7 +37,7 @@ def forward_to(model: nn.Module, ref: LayerRef, x: torch.Tensor) -> torch.Tensor
 
     def hook(module, inputs, output):
         captured.append(output)
-        raise _Stop
+        raise StopForward
 
     try:
         if ref.traced:
@@ -50,7 +46,7 @@ def forward_to(model: nn.Module, ref: LayerRef, x: torch.Tensor) -> torch.Tensor
             hooks.forward(ref.module, hook)
             try:
                 model(x)
-            except _Stop:
+            except StopForward:
                 pass
     except (RuntimeError, TypeError, IndexError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ._state import HookSet, model_device, preserved
+from ._state import HookSet, StopForward, model_device, preserved
 from ._trace import Traced, try_trace
 from .layers import resolve_layer
 
@@ -517,15 +517,12 @@ def _by_hooks(model, name, target, input_size, in_channels, reason) -> Receptive
     calls: list[tuple[str, nn.Module, tuple, tuple]] = []
     names = {m: n for n, m in model.named_modules()}
 
-    class _Stop(Exception):
-        pass
-
     def hook(module, inputs, output):
         ins = inputs[0].shape if inputs and isinstance(inputs[0], torch.Tensor) else None
         outs = output.shape if isinstance(output, torch.Tensor) else None
         calls.append((names[module], module, ins, outs))
         if module is target:
-            raise _Stop
+            raise StopForward
 
     leaves = [m for m in model.modules() if not list(m.children())]
     with preserved(model, eval_mode=True), torch.no_grad(), HookSet() as hooks:
@@ -534,7 +531,7 @@ def _by_hooks(model, name, target, input_size, in_channels, reason) -> Receptive
         x = _dummy(model, input_size, in_channels, [])
         try:
             model(x)
-        except _Stop:
+        except StopForward:
             pass
     f = _F()
     notes = [f"model not fx-traceable ({reason}); field composed from modules in call order, ignoring branches"]
