@@ -38,7 +38,15 @@ import torch
 
 from .checkpoint import load_state_dict
 
-__all__ = ["load", "offline_mode", "torch_hub_checkpoint_dir", "hf_hub_cache_dir", "PRETRAINED_WORDS"]
+__all__ = [
+    "load",
+    "offline_mode",
+    "torch_hub_checkpoint_dir",
+    "hf_hub_cache_dir",
+    "PRETRAINED_WORDS",
+    "parse_torchvision_weights",
+    "torchvision_state_dict",
+]
 
 # ``weights`` values meaning "the library's default pretrained weights".
 PRETRAINED_WORDS = ("pretrained", "DEFAULT", "default")
@@ -204,6 +212,74 @@ def _load_torchvision(arch: str, weights, offline: bool, kwargs: dict) -> tuple[
         preprocess = _compose_of(enum.DEFAULT.transforms()) if enum is not None else _default_preprocess()
     model.eval()
     return model, preprocess
+
+
+def parse_torchvision_weights(weights: object, archs: tuple[str, ...]) -> tuple[str, str] | None:
+    """Split a ``"torchvision:ARCH[:WEIGHTS]"`` weights value for one of our adapters.
+
+    Our adapters accept the weights of their torchvision counterpart (see
+    :func:`torchvision_state_dict`): ``"torchvision:resnet18"`` (the default
+    pretrained weights), ``"torchvision:vgg16_bn:IMAGENET1K_V1"`` (an enum
+    member) or ``"torchvision:googlenet:/path/googlenet-1378be20.pth"`` (a
+    local file in torchvision's format).
+
+    Parameters
+    ----------
+    weights:
+        The ``weights`` argument given to the adapter.
+    archs:
+        The torchvision architectures whose weights the adapter can take.
+
+    Returns
+    -------
+    ``(arch, selector)`` or ``None``
+        ``None`` when ``weights`` is not such a value (a path of our own format, or ``None``).
+
+    Raises
+    ------
+    ValueError
+        For ``torchvision:`` with an architecture the adapter cannot take.
+    """
+    if not isinstance(weights, str) or not weights.startswith("torchvision:"):
+        return None
+    _, arch, selector = (weights.split(":", 2) + [""])[:3]
+    if arch not in archs:
+        raise ValueError(f"{weights!r}: this model takes the weights of {' or '.join('torchvision:' + a for a in archs)}, "
+                         f"not torchvision:{arch or '?'}")
+    return arch, selector or "DEFAULT"
+
+
+def torchvision_state_dict(
+    arch: str, selector: str = "DEFAULT", offline: bool | None = None
+) -> tuple[dict[str, torch.Tensor], Callable]:
+    """The state dict of torchvision's ``arch`` weights and the preprocess they expect.
+
+    Parameters
+    ----------
+    arch:
+        A torchvision architecture with published weights (``"resnet18"``).
+    selector:
+        ``"DEFAULT"`` / ``"pretrained"`` / an enum member name, read through the
+        torch.hub cache exactly as :func:`load` does (offline rules included),
+        or the path of a local file in torchvision's format.
+    offline:
+        Forbid downloads; ``None`` reads ``$CNN_INTERNALS_OFFLINE``.
+
+    Returns
+    -------
+    (state, preprocess)
+        torchvision's keys and tensors, and the weights' own transform (for a
+        local file, the default weights' transform).
+    """
+    if _is_path(selector):
+        import torchvision
+
+        enum = torchvision.models.get_model_weights(arch)
+        return load_state_dict(selector), _compose_of(enum.DEFAULT.transforms())
+    w = _tv_weights(arch, selector)
+    with _tv_safe_state_dicts(offline_mode(offline)):
+        state = w.get_state_dict(progress=True)
+    return state, _compose_of(w.transforms())
 
 
 # -- timm --------------------------------------------------------------------

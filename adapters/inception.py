@@ -48,6 +48,37 @@ convolutions 5,973,552, BatchNorm 14,560, fc 10,250).
 
 Initialisation: Kaiming normal conv/linear weights, zero biases, BatchNorm
 weight 1 and bias 0 (:func:`adapters.recipes.init_weights`).
+
+torchvision's GoogLeNet weights
+-------------------------------
+``load(weights="torchvision:googlenet")`` (or ``"torchvision:googlenet:IMAGENET1K_V1"``,
+or ``"torchvision:googlenet:PATH"``) puts torchvision's ``googlenet`` weights into
+this model (:func:`from_torchvision_state_dict`), with a 1000-way ``fc``. Every
+parameter transfers, and these differences are bridged exactly (to float rounding):
+
+* torchvision's convolutions have no bias: ours get bias 0;
+* torchvision's BatchNorm has ``eps=1e-3``, ours 1e-5: the running variance is
+  stored as ``var + 1e-3 - 1e-5``, which gives the same ``sqrt(var + eps)``;
+* torchvision's "5x5" branch uses 3x3 kernels (a known torchvision bug, kept
+  for its published weights): each 3x3 kernel becomes the centre of a 5x5
+  kernel with a zero rim, which with padding 2 computes the same map as the
+  3x3 kernel with padding 1;
+* the published weights expect ``transform_input=True`` (inputs scaled to
+  [-1, 1] inside the model): the returned preprocess normalises with mean and
+  std 0.5 instead, which is the same map.
+
+Not transferred: the auxiliary classifiers (``aux1``, ``aux2``; this model has
+none); dropout differs (0.5 here, 0.2 there) but is off in eval mode.
+
+**What differs, and stays ours**: the four stride-2 max pools. The seed prints
+``MaxPool2d(kernel_size=3, stride=2, padding=1)`` for ``maxpool1..4``;
+torchvision uses ``MaxPool2d(3, 2, ceil_mode=True)`` without padding for the
+first three and ``MaxPool2d(2, 2, ceil_mode=True)`` for ``maxpool4``. Output
+sizes agree at 224 px, but the pooling windows are shifted by one pixel (and
+``maxpool4`` is 3x3 rather than 2x2), so with our pools the logits are close
+but not torchvision's. ``load(..., torchvision_pools=True)`` (or
+:func:`use_torchvision_pools`) swaps in torchvision's four pools on that
+instance, module names unchanged, and then the logits equal torchvision's.
 """
 from __future__ import annotations
 
@@ -61,7 +92,15 @@ from torch import nn
 if TYPE_CHECKING:
     from .imagenette import DatasetStats
 
-__all__ = ["Inception", "InceptionNet", "INCEPTION_CONFIG", "load", "NUM_PARAMETERS"]
+__all__ = [
+    "Inception",
+    "InceptionNet",
+    "INCEPTION_CONFIG",
+    "load",
+    "NUM_PARAMETERS",
+    "from_torchvision_state_dict",
+    "use_torchvision_pools",
+]
 
 NUM_PARAMETERS = 5_998_362
 
@@ -196,6 +235,92 @@ class InceptionNet(nn.Module):
         return self.fc(self.dropout(x))
 
 
+# BatchNorm epsilon of torchvision's GoogLeNet (BasicConv2d) and ours (torch's default).
+_TV_BN_EPS = 1e-3
+_OUR_BN_EPS = 1e-5
+
+
+def _torchvision_module_names() -> dict[str, str]:
+    """torchvision ``googlenet`` module name -> ours, for every conv and BatchNorm."""
+    names = {}
+    for k in (1, 2, 3):
+        names[f"conv{k}.conv"] = f"conv{k}"
+        names[f"conv{k}.bn"] = f"bn{k}"
+    for block in INCEPTION_CONFIG:
+        names[f"{block}.branch1.conv"] = f"{block}.branch1.conv"
+        names[f"{block}.branch1.bn"] = f"{block}.branch1.bn"
+        for branch in ("branch2", "branch3"):
+            for j in (0, 1):  # torchvision: a Sequential of two BasicConv2d
+                names[f"{block}.{branch}.{j}.conv"] = f"{block}.{branch}.conv{j + 1}"
+                names[f"{block}.{branch}.{j}.bn"] = f"{block}.{branch}.bn{j + 1}"
+        names[f"{block}.branch4.1.conv"] = f"{block}.branch4.conv"  # branch4.0 is the pool
+        names[f"{block}.branch4.1.bn"] = f"{block}.branch4.bn"
+    names["fc"] = "fc"
+    return names
+
+
+def from_torchvision_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A torchvision ``googlenet`` state dict as a full :class:`InceptionNet` state dict.
+
+    See "torchvision's GoogLeNet weights" in the module docstring for what is
+    converted (conv biases, BatchNorm epsilon, 3x3 -> 5x5 kernels) and what is
+    dropped (the auxiliary classifiers).
+
+    Parameters
+    ----------
+    state:
+        ``torchvision.models.googlenet(...).state_dict()``-style keys, with or
+        without ``aux1.*`` / ``aux2.*``.
+
+    Returns
+    -------
+    dict
+        Every key of ``InceptionNet(num_classes=state["fc.weight"].shape[0])``.
+
+    Raises
+    ------
+    ValueError
+        If a key is not one of torchvision's GoogLeNet keys, or one is missing.
+    """
+    names = _torchvision_module_names()
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        module, _, leaf = key.rpartition(".")
+        if module.startswith(("aux1.", "aux2.")):
+            continue  # auxiliary classifiers: not part of this model
+        if module not in names:
+            raise ValueError(f"unexpected key {key!r}: not a torchvision googlenet state dict")
+        ours = names[module]
+        if module.endswith(".conv") and leaf == "weight":
+            if ours.endswith("branch3.conv2") and value.shape[-1] == 3:
+                value = torch.nn.functional.pad(value, (1, 1, 1, 1))  # 3x3 in the centre of a zero 5x5
+            out[f"{ours}.weight"] = value
+            out.setdefault(f"{ours}.bias", torch.zeros(value.shape[0], dtype=value.dtype))
+        elif module.endswith(".bn") and leaf == "running_var":
+            # Same sqrt(var + eps) under our epsilon.
+            out[f"{ours}.running_var"] = value + (_TV_BN_EPS - _OUR_BN_EPS)
+        else:
+            out[f"{ours}.{leaf}"] = value
+    missing = [f"{ours}.weight" for module, ours in names.items() if f"{ours}.weight" not in out]
+    if missing:
+        raise ValueError(f"not a complete torchvision googlenet state dict: no weights for {', '.join(missing[:3])}"
+                         + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+    return out
+
+
+def use_torchvision_pools(model: InceptionNet) -> InceptionNet:
+    """Swap torchvision GoogLeNet's four stride-2 max pools into ``model`` (in place; names unchanged).
+
+    ``maxpool1..3`` become ``MaxPool2d(3, 2, ceil_mode=True)`` and ``maxpool4``
+    ``MaxPool2d(2, 2, ceil_mode=True)``. With torchvision's weights this makes
+    the logits equal torchvision's; the seed's own pools are the default.
+    """
+    for name in ("maxpool1", "maxpool2", "maxpool3"):
+        setattr(model, name, nn.MaxPool2d(3, stride=2, ceil_mode=True))
+    model.maxpool4 = nn.MaxPool2d(2, stride=2, ceil_mode=True)
+    return model
+
+
 def load(
     weights: str | os.PathLike | None = None,
     num_classes: int = 10,
@@ -209,22 +334,64 @@ def load(
     ----------
     weights:
         A checkpoint for :func:`adapters.checkpoint.load_state_dict`; ``None``
-        keeps the random initialisation.
+        keeps the random initialisation; ``"torchvision:googlenet[:WEIGHTS]"``
+        loads torchvision's GoogLeNet weights (see the module docstring).
     num_classes:
-        Output classes (10 for Imagenette).
+        Output classes (10 for Imagenette; ignored for torchvision weights,
+        which set it from their ``fc``).
     data_root:
         Where Imagenette is, for the mean/std of the preprocess.
     stats:
         Dataset statistics for the preprocess; default: the cached Imagenette
         training statistics (:func:`adapters.imagenette.dataset_stats`).
     **kwargs:
-        Passed to :class:`InceptionNet` (``dropout``).
+        Passed to :class:`InceptionNet` (``dropout``), except
+        ``torchvision_pools=True``, which applies :func:`use_torchvision_pools`,
+        and ``transform_input`` (torchvision weights only, default ``True`` as
+        for the published file; ``False`` for a file trained without it).
 
     Returns
     -------
     (model, preprocess)
-        ``preprocess``: resize 256, centre 224 crop, [0, 1], dataset mean/std.
+        ``preprocess``: resize 256, centre 224 crop, [0, 1], dataset mean/std;
+        for torchvision weights torchvision's resize and crop with mean and std
+        0.5 (the published weights' ``transform_input``).
     """
+    from .hub import parse_torchvision_weights, torchvision_state_dict
     from .recipes import finish_load
 
-    return finish_load(InceptionNet(num_classes=num_classes, **kwargs), "inception", weights, data_root, stats)
+    tv_pools = bool(kwargs.pop("torchvision_pools", False))
+    transform_input = kwargs.pop("transform_input", None)
+    source = parse_torchvision_weights(weights, ("googlenet",))
+    if source is not None:
+        state, preprocess = torchvision_state_dict(*source)
+        if "fc.weight" not in state:
+            raise ValueError(f"{weights}: not a torchvision googlenet state dict (no fc.weight)")
+        model = InceptionNet(num_classes=int(state["fc.weight"].shape[0]), **kwargs)
+        model.load_state_dict(from_torchvision_state_dict(state))
+        model = model.eval()
+        if transform_input is None or transform_input:
+            preprocess = _transform_input_preprocess(preprocess)
+    else:
+        if transform_input is not None:
+            raise ValueError("transform_input applies to torchvision:googlenet weights only")
+        model, preprocess = finish_load(InceptionNet(num_classes=num_classes, **kwargs), "inception", weights,
+                                        data_root, stats)
+    if tv_pools:
+        use_torchvision_pools(model)
+    return model, preprocess
+
+
+def _transform_input_preprocess(preprocess: Callable) -> Callable:
+    """torchvision's preprocess with GoogLeNet's ``transform_input`` folded in: Normalize(0.5, 0.5).
+
+    The published weights were trained on inputs ``(x - 0.5) / 0.5``; torchvision
+    feeds ImageNet-normalised tensors and undoes that inside the model
+    (``x * std / 0.5 + (mean - 0.5) / 0.5``), which is the same map.
+    """
+    from torchvision.transforms import v2 as T
+
+    steps = list(getattr(preprocess, "transforms", []))
+    if not steps or not isinstance(steps[-1], T.Normalize):
+        raise ValueError("expected torchvision's preprocess to end with Normalize")
+    return T.Compose(steps[:-1] + [T.Normalize([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])])

@@ -20,7 +20,12 @@ so ``relu_b`` (relu3, relu5, ..., relu17) is the block output, after the
 addition. Block order and strides: conv6, conv10 and conv14 (and their
 projections) have stride 2. State dicts map one-to-one onto torchvision's
 ``resnet18(num_classes=10)`` (``layer1.0.conv1`` = ``conv2``,
-``layer2.0.downsample.0`` = ``conv_proj1``, ...; see :data:`TORCHVISION_NAMES`).
+``layer2.0.downsample.0`` = ``conv_proj1``, ...; see :data:`TORCHVISION_NAMES`),
+so torchvision's ImageNet weights load exactly:
+``load(weights="torchvision:resnet18")`` (or ``"torchvision:resnet18:IMAGENET1K_V1"``,
+or ``"torchvision:resnet18:PATH"`` for a local file in torchvision's format)
+gives the same logits as ``torchvision.models.resnet18`` with those weights,
+with a 1000-way ``fc`` and torchvision's preprocess.
 
 Shapes at 224x224: conv1 64x112 -> pool1 64x56 -> blocks 1-2 64x56 ->
 blocks 3-4 128x28 -> blocks 5-6 256x14 -> blocks 7-8 512x7 -> avgpool 512 -> fc 10.
@@ -45,7 +50,7 @@ from torch import nn
 if TYPE_CHECKING:
     from .imagenette import DatasetStats
 
-__all__ = ["ResNet18", "load", "NUM_PARAMETERS", "BLOCKS", "TORCHVISION_NAMES"]
+__all__ = ["ResNet18", "load", "from_torchvision_state_dict", "NUM_PARAMETERS", "BLOCKS", "TORCHVISION_NAMES"]
 
 NUM_PARAMETERS = 11_181_642
 
@@ -169,9 +174,11 @@ def load(
     ----------
     weights:
         A checkpoint for :func:`adapters.checkpoint.load_state_dict`; ``None``
-        keeps the random initialisation.
+        keeps the random initialisation; ``"torchvision:resnet18[:WEIGHTS]"``
+        loads torchvision's weights (see the module docstring; ``fc`` then
+        has the file's class count and the preprocess is torchvision's).
     num_classes:
-        Output classes (10 for Imagenette).
+        Output classes (10 for Imagenette; ignored for torchvision weights).
     data_root:
         Where Imagenette is, for the mean/std of the preprocess.
     stats:
@@ -185,6 +192,15 @@ def load(
     (model, preprocess)
         ``preprocess``: resize 256, centre 224 crop, [0, 1], dataset mean/std.
     """
+    from .hub import parse_torchvision_weights, torchvision_state_dict
     from .recipes import finish_load
 
+    source = parse_torchvision_weights(weights, ("resnet18",))
+    if source is not None:
+        state, preprocess = torchvision_state_dict(*source)
+        if "fc.weight" not in state:
+            raise ValueError(f"{weights}: not a torchvision resnet18 state dict (no fc.weight)")
+        model = ResNet18(num_classes=int(state["fc.weight"].shape[0]), **kwargs)
+        model.load_state_dict(from_torchvision_state_dict(state))
+        return model.eval(), preprocess
     return finish_load(ResNet18(num_classes=num_classes, **kwargs), "resnet18", weights, data_root, stats)

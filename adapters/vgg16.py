@@ -31,6 +31,20 @@ Initialisation: Kaiming normal conv/linear weights, zero biases
 (:func:`adapters.recipes.init_weights`). Recipe and evaluation preprocessing
 (resize 256, centre 224 crop, dataset mean/std): :data:`adapters.recipes.RECIPES`
 ``["vgg16"]``.
+
+torchvision's VGG-16 weights
+----------------------------
+The architecture is exactly torchvision's ``vgg16`` (same convolutions, pools,
+7x7 adaptive average pool and classifier, dropout in the same places), so
+``load(weights="torchvision:vgg16")`` (or ``"torchvision:vgg16:IMAGENET1K_V1"``,
+or ``"torchvision:vgg16:PATH"``) loads torchvision's weights one to one
+(``features.0`` = ``conv1``, ..., ``features.28`` = ``conv13``,
+``classifier.0/3/6`` = ``fc1/fc2/fc3``, a 1000-way ``fc3``) and gives
+torchvision's logits. ``"torchvision:vgg16_bn"`` loads the batch-normalised
+variant with each eval-mode BatchNorm folded into the convolution before it
+(``w * g / sqrt(var + eps)``, bias ``(b - mean) * g / sqrt(var + eps) + beta``):
+the same logits in eval mode, but training from there trains a network
+without BatchNorm. See :func:`from_torchvision_state_dict`.
 """
 from __future__ import annotations
 
@@ -43,7 +57,7 @@ from torch import nn
 if TYPE_CHECKING:
     from .imagenette import DatasetStats
 
-__all__ = ["VGG16", "load", "NUM_PARAMETERS", "CONV_CHANNELS"]
+__all__ = ["VGG16", "load", "NUM_PARAMETERS", "CONV_CHANNELS", "from_torchvision_state_dict"]
 
 NUM_PARAMETERS = 134_301_514
 
@@ -99,6 +113,46 @@ class VGG16(nn.Module):
         return self.fc3(x)
 
 
+def from_torchvision_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A torchvision ``vgg16`` or ``vgg16_bn`` state dict as a :class:`VGG16` state dict.
+
+    The 13 convolutions are taken in ``features`` index order (``conv1`` ...
+    ``conv13``); in ``vgg16_bn`` the BatchNorm right after each convolution is
+    folded into it (eval-mode statistics, computed in float64). The classifier
+    maps ``classifier.0/3/6`` to ``fc1/fc2/fc3``.
+
+    Raises
+    ------
+    ValueError
+        If the keys are not those of torchvision's VGG-16 (with or without BatchNorm).
+    """
+    feats: dict[int, dict[str, torch.Tensor]] = {}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if len(parts) == 3 and parts[0] == "features" and parts[1].isdigit():
+            feats.setdefault(int(parts[1]), {})[parts[2]] = value
+        elif len(parts) == 3 and parts[0] == "classifier" and parts[1] in ("0", "3", "6"):
+            out[f"fc{'036'.index(parts[1]) + 1}.{parts[2]}"] = value
+        else:
+            raise ValueError(f"unexpected key {key!r}: not a torchvision vgg16 / vgg16_bn state dict")
+    convs = [i for i in sorted(feats) if feats[i].get("weight") is not None and feats[i]["weight"].ndim == 4]
+    if len(convs) != len(CONV_CHANNELS) or len(out) != 6:
+        raise ValueError(f"not a torchvision vgg16 state dict: {len(convs)} convolutions and {len(out)} classifier "
+                         f"tensors (VGG-16 has {len(CONV_CHANNELS)} and 6)")
+    for n, i in enumerate(convs, start=1):
+        w, b = feats[i]["weight"], feats[i]["bias"]
+        bn = feats.get(i + 1, {})
+        if "running_mean" in bn:  # vgg16_bn: conv, bn, relu
+            eps = 1e-5  # torchvision's VGG BatchNorm2d uses torch's default
+            scale = bn["weight"].double() / torch.sqrt(bn["running_var"].double() + eps)
+            b = (b.double() - bn["running_mean"].double()) * scale + bn["bias"].double()
+            w = w.double() * scale[:, None, None, None]
+            w, b = w.to(feats[i]["weight"].dtype), b.to(feats[i]["bias"].dtype)
+        out[f"conv{n}.weight"], out[f"conv{n}.bias"] = w, b
+    return out
+
+
 def load(
     weights: str | os.PathLike | None = None,
     num_classes: int = 10,
@@ -112,9 +166,12 @@ def load(
     ----------
     weights:
         A checkpoint for :func:`adapters.checkpoint.load_state_dict`; ``None``
-        keeps the random (Kaiming) initialisation.
+        keeps the random (Kaiming) initialisation; ``"torchvision:vgg16[:WEIGHTS]"``
+        or ``"torchvision:vgg16_bn[:WEIGHTS]"`` loads torchvision's weights
+        (see the module docstring; the preprocess is then torchvision's).
     num_classes:
-        Output classes (10 for Imagenette).
+        Output classes (10 for Imagenette; ignored for torchvision weights,
+        which set it from ``classifier.6``).
     data_root:
         Where Imagenette is, for the mean/std of the preprocess.
     stats:
@@ -128,6 +185,14 @@ def load(
     (model, preprocess)
         ``preprocess``: resize 256, centre 224 crop, [0, 1], dataset mean/std.
     """
+    from .hub import parse_torchvision_weights, torchvision_state_dict
     from .recipes import finish_load
 
+    source = parse_torchvision_weights(weights, ("vgg16", "vgg16_bn"))
+    if source is not None:
+        state, preprocess = torchvision_state_dict(*source)
+        ours = from_torchvision_state_dict(state)
+        model = VGG16(num_classes=int(ours["fc3.weight"].shape[0]), **kwargs)
+        model.load_state_dict(ours)
+        return model.eval(), preprocess
     return finish_load(VGG16(num_classes=num_classes, **kwargs), "vgg16", weights, data_root, stats)
