@@ -180,7 +180,7 @@ def _compose_of(transform: Callable) -> Callable:
 def _missing_message(file: str, source: str, folder: Path) -> str:
     return (
         f"offline mode: pretrained weights file {file} not found; download it from {source} "
-        f"and put it in {folder}/ (or unset CNN_INTERNALS_OFFLINE / pass offline=False to download)"
+        f"and put it in {folder}/ (or let it download: drop --offline / offline=True and unset CNN_INTERNALS_OFFLINE)"
     )
 
 

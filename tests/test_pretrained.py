@@ -335,3 +335,39 @@ def test_missing_twin_file_is_one_clear_error(tmp_path, monkeypatch):
     assert "mobilenet_2_5_224_tf_no_top.h5" in msg and str(tmp_path / "weights" / "keras") in msg and "\n" not in msg
     with pytest.raises(FileNotFoundError, match="mobilenetv2_quantized.pt"):
         adapters.load("pretrained:mobilenet_v2_int8")
+
+
+# -- the CLI's --offline flag ------------------------------------------------------------
+
+
+def test_cli_offline_flag_missing_file_is_one_line(tmp_path):
+    # A fresh process with an empty TORCH_HOME and no CNN_INTERNALS_OFFLINE: the flag alone
+    # must stop the download and name the file and the folder.
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("CNN_INTERNALS_OFFLINE", "TORCH_HOME")}
+    env["TORCH_HOME"] = str(tmp_path / "torch")
+    (tmp_path / "img").mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "interp.cli", "compare", "torchvision:resnet18", "resnet18", "--offline",
+         "--weights-a", "pretrained", "--data", str(tmp_path / "img"), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    folder = tmp_path / "torch" / "hub" / "checkpoints"
+    assert "resnet18-f37072fd.pth" in lines[0] and f"{folder}/" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_offline_flag_sets_the_environment_variable(monkeypatch):
+    from interp.cli import build_parser
+
+    monkeypatch.setenv("CNN_INTERNALS_OFFLINE", "0")  # restored after the test
+    args = build_parser().parse_args(["compare", "a", "b", "--data", "d"])
+    assert args.offline is False and not hub.offline_mode()
+    args = build_parser().parse_args(["compare", "a", "b", "--data", "d", "--offline"])
+    assert args.offline is True and hub.offline_mode()

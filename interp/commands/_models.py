@@ -5,6 +5,7 @@ engine functions themselves only ever see a ``torch.nn.Module``.
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 from pathlib import Path
@@ -16,6 +17,35 @@ MODEL_HELP = (
     "a built-in name (see `cnn-internals layers --list`), torchvision:NAME, "
     "timm:NAME, or path/to/file.py:factory"
 )
+
+OFFLINE_ENV = "CNN_INTERNALS_OFFLINE"
+
+
+class _OfflineAction(argparse.Action):
+    """``--offline``: set ``CNN_INTERNALS_OFFLINE=1`` for this process.
+
+    Setting the environment variable (rather than passing a flag down) makes
+    the flag exactly equivalent to the variable for every model load of the
+    command, including loads inside library code and worker processes, and
+    lets each command take the flag with one line (:func:`add_offline_flag`).
+    """
+
+    def __init__(self, option_strings, dest, **kwargs) -> None:
+        kwargs.setdefault("default", False)
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        os.environ[OFFLINE_ENV] = "1"
+        setattr(namespace, self.dest, True)
+
+
+def add_offline_flag(parser: argparse.ArgumentParser) -> None:
+    """Give a command that loads models the ``--offline`` flag (same as ``CNN_INTERNALS_OFFLINE=1``)."""
+    parser.add_argument(
+        "--offline", action=_OfflineAction,
+        help="never download weights: a pretrained file missing from the torch.hub / Hugging Face cache is an "
+             "error naming the file and the folder to put it in (same as CNN_INTERNALS_OFFLINE=1)",
+    )
 
 
 def _from_file(spec: str) -> tuple[torch.nn.Module, Callable | None]:

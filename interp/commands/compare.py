@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._models import MODEL_HELP, load_model
+from ._models import MODEL_HELP, add_offline_flag, load_model
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -37,6 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
     p.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images with a warning")
+    add_offline_flag(p)
     p.set_defaults(func=run)
 
 
