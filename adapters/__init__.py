@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["load", "names", "register"]
+__all__ = ["load", "names", "register", "TWINS"]
 
 # name -> "module:function". Imported lazily so that ``import adapters`` stays
 # cheap and an adapter with heavy optional dependencies costs nothing unless used.
@@ -36,6 +36,24 @@ _BUILTIN: dict[str, str] = {
     "pretrained:mobilenet_v2_int8": "adapters.pretrained:load_mobilenet_v2_int8",
 }
 _REGISTRY: dict[str, Callable] = {}
+
+#: Each from-scratch family -> its ImageNet-pretrained counterparts, for ``cnn-internals compare``.
+#: ``convN`` (the N-th ``nn.Conv2d`` in forward order) picks the same layer on both
+#: sides for inception/googlenet (57 convs), vgg16 (13), alexnet (5, different widths)
+#: and mobilenet/mobilenetv1_100 (27; the Keras twin has our module names). ResNet-18
+#: is the exception: our conv1..conv17 are the seed's names and skip the three
+#: projection shortcuts (conv_proj1..3), while torchvision's convN counts them, so the
+#: two agree up to conv7 and then differ (ours conv8 = torchvision's conv9; see
+#: :data:`adapters.resnet18.TORCHVISION_NAMES` for exact pairs). Only the
+#: ``pretrained:`` names have real weights on a machine without downloads.
+TWINS: dict[str, tuple[str, ...]] = {
+    "lenet5": (),
+    "alexnet": ("torchvision:alexnet",),
+    "vgg16": ("torchvision:vgg16", "torchvision:vgg16_bn"),
+    "inception": ("torchvision:googlenet",),
+    "resnet18": ("torchvision:resnet18",),
+    "mobilenet": ("timm:mobilenetv1_100", "pretrained:mobilenet_v1_025_keras"),
+}
 
 # Prefixes handled by :mod:`adapters.hub` ("torchvision:resnet18", "timm:resnet18").
 _HUB_PREFIXES = ("torchvision:", "timm:")
