@@ -146,9 +146,12 @@ def project(
         Fergus 2014) or ``"gradient"`` (plain autograd). See
         :mod:`interp.rules` for the exact rules.
     batch_size:
-        Input rows per forward/backward pass (memory knob); default 16.
-        Several units of the same image (and crop) share one forward: the
-        image runs once and their backward passes follow in rounds.
+        Input rows per forward/backward pass (memory knob). Default: as many
+        rows as hold about 16 full 224 x 224 images' worth of pixels (16 rows
+        of whole 224-pixel images, hundreds of small receptive-field crops),
+        at most 256. Several units of the same image (and crop) share one
+        forward: the image runs once and their backward passes follow in
+        rounds.
     crop:
         Run each unit on the crop of its image that holds its receptive
         field instead of the whole image (exact: same result, zero outside
@@ -180,9 +183,7 @@ def project(
         )
     images = _check_images(images)
     units_t = _check_units(units, images.shape[0])
-    if batch_size is None:
-        batch_size = 16
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
     device = model_device(model, images.device)
@@ -199,10 +200,23 @@ def project(
         for i, plan in enumerate(plans):
             groups.setdefault((plan[2] - plan[0], plan[3] - plan[1]), []).append(i)
         mode_factory = (lambda: RuleMode(method)) if method != "gradient" else contextlib.nullcontext
-        for members in groups.values():
-            for idx in _chunks(units_t, plans, members, batch_size):
-                _project_chunk(model, ref, images, units_t, plans, idx, mode_factory, device, result, batch_size)
+        for (h, w), members in groups.items():
+            rows = batch_size if batch_size is not None else _auto_rows(h, w)
+            for idx in _chunks(units_t, plans, members, rows):
+                _project_chunk(model, ref, images, units_t, plans, idx, mode_factory, device, result, rows)
     return result
+
+
+# Default pass size in input pixels: 16 whole 224 x 224 images. Small crops
+# get many rows per pass (per-op overhead amortised over a bigger batch),
+# whole large images few (past this the CPU is memory-bound, measured).
+_PIXELS_PER_PASS = 16 * 224 * 224
+_MAX_ROWS = 256
+
+
+def _auto_rows(height: int, width: int) -> int:
+    """Rows per pass for inputs of ``height x width`` pixels."""
+    return max(1, min(_MAX_ROWS, _PIXELS_PER_PASS // max(1, height * width)))
 
 
 def _input_key(units_t: torch.Tensor, plans, i: int) -> tuple[int, int, int]:
