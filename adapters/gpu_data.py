@@ -484,17 +484,31 @@ class DeviceImagenette:
             return x - mean
         return (x - self.mean) / self.std
 
-    def train_batches(self, seed: int, epoch: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Epoch ``epoch``'s shuffled, augmented batches ``(x float Bx3xSxS, y)``; a function of ``(seed, epoch)``."""
+    def train_batches(self, seed: int, epoch: int, batch_size: int, rank: int = 0,
+                      world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Epoch ``epoch``'s shuffled, augmented batches ``(x float Bx3xSxS, y)``; a function of ``(seed, epoch)``.
+
+        With ``world > 1`` (DDP) only rank ``rank``'s block of each global
+        batch of ``batch_size`` (:func:`adapters.training.rank_blocks`):
+        every rank draws the random parameters of the whole global batch from
+        the same generator and crops only its own images, so the union over
+        the ranks is exactly the single-process batch, augmentation included.
+        Every rank holds the whole cache: any image can fall to any rank.
+        """
+        from .training import rank_blocks
+
         g = torch.Generator()
         # Its own stream, apart from the DataLoader path's shuffling generator.
         g.manual_seed(seed * 100_003 + epoch + 0x5EED_0000)
         n = self.n_train
         order = torch.randperm(n, generator=g)
         s = self.spec
-        for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
+        # Only a last, too small global batch is ever left out, so the draws of
+        # the batches that are kept happen in the single-process order.
+        for b0, b1, r0, r1 in rank_blocks(n, batch_size, rank, world):
+            idx = order[b0:b1]
             b = len(idx)
+            part = slice(r0 - b0, r1 - b0)
             sizes = self.train.sizes[idx]
             cx, cy, cw, ch, mean_off = self._train_boxes(sizes, g)
             flip = torch.rand(b, generator=g) < 0.5
@@ -517,15 +531,23 @@ class DeviceImagenette:
             if s.lighting > 0:
                 alpha = torch.randn(b, 3, generator=g, dtype=torch.float64) * s.lighting
                 lighting = ((alpha * self.eigvals) @ self.eigvecs.T).float()
+            if world > 1:
+                idx, theta = idx[part], theta[part]
+                mean_theta = mean_theta[part] if mean_theta is not None else None
+                lighting = lighting[part] if lighting is not None else None
+                jitter = (jitter[0][part], jitter[1]) if jitter is not None else None
             idx_d = idx.to(self.device)
             x = affine_crop(self.train.images[idx_d].float(), theta, self.image_size)
             yield self._finish(x, mean_theta, lighting, jitter), self.train.labels[idx_d]
 
-    def val_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The validation split in order, centre-cropped and normalised."""
-        n = len(self.val)
+    def val_batches(self, batch_size: int, rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The validation split in order, centre-cropped and normalised (rank ``rank``'s block of it when ``world > 1``)."""
+        from interp.dist import shard
+
+        block = shard(len(self.val), rank, world)
+        n = block.stop
         base = float(self.spec.short_range[0])
-        for start in range(0, n, batch_size):
+        for start in range(block.start, n, batch_size):
             sl = slice(start, min(n, start + batch_size))
             sizes = self.val.sizes[sl]
             b = sizes.shape[0]

@@ -43,6 +43,41 @@ each item's random augmentation is seeded from ``(seed, epoch, index)`` in
 the worker (the workers persist across epochs, so their own RNG streams
 would otherwise depend on the run's history); device-side batches draw
 their augmentation from a generator seeded with ``(seed, epoch)``.
+
+Distributed data parallel (``torchrun``): when :func:`interp.dist.init_from_env`
+has joined a process group of more than one process, :func:`fit` trains a
+:class:`~torch.nn.parallel.DistributedDataParallel` replica per process
+(Gloo on CPUs, NCCL on GPUs), optionally with ``SyncBatchNorm`` (CUDA only:
+torch's implementation rejects CPU tensors).
+
+* The recipe's ``batch_size`` stays the *global* batch, so its optimizer and
+  learning rate mean what they mean in one process. Every rank draws the same
+  epoch order (from ``(seed, epoch)``) and cuts it into the same global
+  batches as a single process would; each global batch is split into one
+  contiguous block per rank (:func:`rank_blocks`; sizes differ by at most one
+  when ``batch_size`` is not a multiple of the world size). Each rank's loss
+  is weighted by its share of the batch, so the averaged gradient is the
+  gradient of the global batch's mean loss whatever the split. Nothing is
+  padded or repeated; only a last global batch holding fewer images than
+  there are ranks is left out (every rank must join every step), and the LR
+  schedule still advances for it, so the schedule's position at each epoch
+  end is the same for every world size.
+* BatchNorm statistics are per rank (per-rank batch) unless ``sync_bn``; at
+  every epoch end all ranks take rank 0's BatchNorm buffers, so every rank
+  holds exactly the model rank 0 saves.
+* Validation is sharded (:func:`interp.dist.shard`) and the counts summed
+  over the ranks: the same numbers as in one process.
+* Rank 0 alone shows progress bars, logs, and writes ``last.pt``, ``best.pt``
+  and ``log.json``; the other ranks wait at a barrier after each write, so no
+  rank reads a half-written file. A resume is read by rank 0 and broadcast,
+  so the output folder need not be shared between machines.
+* Checkpoints hold the unwrapped model's state dict (no ``module.`` prefix),
+  so they load in one process, and resume with any world size: weights,
+  optimizer and scheduler state, epoch, history and the per-epoch data order
+  carry over exactly. Each rank's RNG state is saved too; resuming with the
+  *same* world size restores them (exact resumption as above), with a
+  different one rank 0 takes the saved main state and the other ranks are
+  seeded from ``(seed, rank, epoch)``.
 """
 from __future__ import annotations
 
@@ -62,6 +97,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
+from interp import dist
+
 from .checkpoint import atomic_save, load_checkpoint
 
 __all__ = [
@@ -69,6 +106,7 @@ __all__ = [
     "TrainSpec",
     "fit",
     "evaluate",
+    "rank_blocks",
     "seed_everything",
     "rng_state",
     "set_rng_state",
@@ -269,10 +307,65 @@ class _EpochSampler(Sampler):
         return self.n
 
     def __iter__(self):
-        g = _epoch_generator(self.seed, self.epoch)
-        torch.empty((), dtype=torch.int64).random_(generator=g)  # the DataLoader's base-seed draw
-        for i in torch.randperm(self.n, generator=g).tolist():
+        for i in _epoch_order(self.n, self.seed, self.epoch):
             yield (self.epoch, i)
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The order ``DataLoader(shuffle=True, generator=_epoch_generator(seed, epoch))`` visits ``range(n)`` in."""
+    g = _epoch_generator(seed, epoch)
+    torch.empty((), dtype=torch.int64).random_(generator=g)  # the DataLoader's base-seed draw
+    return torch.randperm(n, generator=g).tolist()
+
+
+def rank_blocks(n: int, batch_size: int, rank: int, world: int) -> list[tuple[int, int, int, int]]:
+    """Where this rank's part of every global batch of an epoch lies in the epoch's order.
+
+    The order of ``n`` items is cut into global batches of ``batch_size``
+    exactly as in one process (the last one may be smaller); a global batch of
+    ``m`` items is split into ``world`` contiguous blocks whose sizes differ
+    by at most one (:func:`interp.dist.shard`). A global batch with fewer
+    items than ranks is left out, since every rank must take part in every
+    DDP step; only the last batch can be that small.
+
+    Returns
+    -------
+    list of (batch_start, batch_stop, start, stop)
+        Positions in the epoch's order: the global batch and this rank's block of it.
+    """
+    out = []
+    for b0 in range(0, n, batch_size):
+        b1 = min(n, b0 + batch_size)
+        if b1 - b0 < world:
+            continue
+        part = dist.shard(b1 - b0, rank, world)
+        out.append((b0, b1, b0 + part.start, b0 + part.stop))
+    return out
+
+
+class _RankBatches(Sampler):
+    """Batch sampler: this rank's block of each global batch of epoch :attr:`epoch` (see :func:`rank_blocks`).
+
+    Every rank computes the same epoch order as a single process, so the
+    global batches are the single-process batches. With ``keyed`` the items
+    are ``(epoch, index)`` keys for :class:`_SeededItems`.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int, world: int, keyed: bool) -> None:
+        self.n = n
+        self.seed = seed
+        self.keyed = keyed
+        self.blocks = rank_blocks(n, batch_size, rank, world)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __iter__(self):
+        order = _epoch_order(self.n, self.seed, self.epoch)
+        for _, _, start, stop in self.blocks:
+            idx = order[start:stop]
+            yield [(self.epoch, i) for i in idx] if self.keyed else idx
 
 
 class _SeededItems(Dataset):
@@ -312,7 +405,64 @@ def _persistent_loader(dataset: Dataset, batch_size: int, sampler: Sampler | Non
         pin_memory=device.type == "cuda",
         persistent_workers=True,
         drop_last=False,
+        # The loader draws its workers' base seed when its iterator is first
+        # made; from its own generator, so that draw never moves the global
+        # RNG (which a resumed run would otherwise consume at another epoch).
+        # _SeededItems reseeds every item anyway.
+        generator=torch.Generator().manual_seed(0),
     )
+
+
+def _rank_loader(dataset: Dataset, sampler: _RankBatches, workers: int, device: torch.device) -> DataLoader:
+    """A DataLoader over this rank's blocks (kept for the whole run; persistent workers if any)."""
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(0),  # see _persistent_loader
+    )
+
+
+def _rank_seed(seed: int, rank: int, epoch: int) -> int:
+    """Seed of rank ``rank``'s global RNGs where no saved state applies (rank 0 of a fresh run uses ``seed``)."""
+    return ((seed * 1_000_003 + rank) * 10_007 + epoch) % 2**63
+
+
+def _sync_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics), in place."""
+    import torch.distributed as tdist
+
+    for buf in model.buffers():
+        tdist.broadcast(buf, src=0)
+
+
+def _convert_sync_bn(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Replace the BatchNorm layers of ``model`` by ``SyncBatchNorm`` in place; returns what :func:`_restore_bn` needs.
+
+    ``SyncBatchNorm`` takes over the original layers' parameter and buffer
+    tensors, so putting the originals back after training leaves the trained
+    values in a plain model.
+    """
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    if isinstance(model, _BatchNorm):
+        raise ValueError("sync_bn: the model itself is a BatchNorm layer; wrap it in a module")
+    found = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, _BatchNorm) and not isinstance(child, nn.SyncBatchNorm):
+                found.append((parent, name, child))
+    nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return found
+
+
+def _restore_bn(found: list[tuple[nn.Module, str, nn.Module]]) -> None:
+    """Undo :func:`_convert_sync_bn` (the original layers share the trained tensors)."""
+    for parent, name, original in found:
+        original.train(getattr(parent, name).training)
+        setattr(parent, name, original)
 
 
 def _autocast(device: torch.device, amp: bool):
@@ -344,6 +494,7 @@ def evaluate(
     amp: bool = False,
     channels_last: bool = False,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    distributed: bool = False,
 ) -> dict[str, float]:
     """Loss, top-1 and (for more than 5 classes) top-5 accuracy of ``model`` on ``dataset``.
 
@@ -354,6 +505,13 @@ def evaluate(
     batches:
         Ready ``(x, y)`` batches (a persistent DataLoader or device-side
         batches) used instead of a fresh loader over ``dataset``.
+    distributed:
+        Under a process group: evaluate only this rank's block of
+        ``dataset`` (:func:`interp.dist.shard`; ``batches``, if given, must
+        already be this rank's part) and sum the counts over the ranks, so
+        every rank returns the whole set's numbers. Pass the unwrapped
+        module, not the DDP wrapper: ranks may run different numbers of
+        batches, and DDP's forward would wait for the others.
 
     Returns
     -------
@@ -371,6 +529,8 @@ def evaluate(
     if batches is None:
         if dataset is None:
             raise ValueError("evaluate needs a dataset or batches")
+        if distributed:
+            dataset = torch.utils.data.Subset(dataset, dist.shard(len(dataset)))  # type: ignore[arg-type]
         batches = _loader(dataset, batch_size, False, None, workers, device)
     for x, y in batches:
         x = _to_device(x, device, channels_last)
@@ -387,6 +547,12 @@ def evaluate(
             top5 += int((scores.topk(5, dim=1).indices == y[:, None]).any(1).sum())
         n += len(y)
     model.train(was_training)
+    if distributed:
+        # Summed in rank order on every rank: every rank gets the same floats.
+        parts = dist.gather((n, loss_sum, top1, top5, classes))
+        n, top1, top5 = (sum(p[i] for p in parts) for i in (0, 2, 3))
+        loss_sum = sum((p[1] for p in parts), 0.0)
+        classes = max(p[4] for p in parts)
     if n == 0:
         raise ValueError("cannot evaluate on an empty dataset")
     result: dict[str, float] = {"n": n, "top1": top1 / n}
@@ -412,6 +578,57 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return g
 
 
+def _quiet(_msg: str) -> None:
+    """The ``log`` of ranks other than 0."""
+
+
+def _check_resume(ckpt: dict[str, Any], path: Path, recipe: Any, n_train: int, seed: int) -> None:
+    """Raise ``ValueError`` unless ``ckpt`` continues this run (same format, recipe, data size, seed)."""
+    if ckpt["format"] != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} has format {ckpt['format']!r}, expected {CHECKPOINT_FORMAT!r}")
+    if ckpt["recipe"] != recipe.to_dict():
+        raise ValueError(f"cannot resume: {path} was trained with recipe {ckpt['recipe']}, now {recipe.to_dict()}")
+    if ckpt.get("n_train") != n_train or ckpt["seed"] != seed:
+        raise ValueError(
+            f"cannot resume: {path} was trained on {ckpt.get('n_train')} images with seed "
+            f"{ckpt['seed']}, now {n_train} images with seed {seed}"
+        )
+
+
+def _read_resume(path: Path, recipe: Any, n_train: int, seed: int) -> dict[str, Any] | None:
+    """The checked checkpoint at ``path`` on every rank, or ``None`` when there is none.
+
+    Rank 0 reads it (``weights_only``) and broadcasts it, so that the other
+    ranks need not see rank 0's file system, and a bad checkpoint raises the
+    same error on every rank instead of leaving the others waiting.
+    """
+    ckpt: dict[str, Any] | None = None
+    error: str | None = None
+    if dist.is_main() and path.exists():
+        try:
+            ckpt = load_checkpoint(path, required=_RESUME_KEYS)
+            _check_resume(ckpt, path, recipe, n_train, seed)
+        except (ValueError, FileNotFoundError) as exc:
+            ckpt, error = None, str(exc)
+    if dist.active():
+        ckpt, error = dist.broadcast((ckpt, error))
+    if error is not None:
+        raise ValueError(error)
+    return ckpt
+
+
+def _restore_rng(ckpt: dict[str, Any], rank: int, world: int, seed: int) -> None:
+    """This rank's RNG state from ``ckpt`` (see the module docstring on resuming with another world size)."""
+    saved = int(ckpt.get("world_size", 1))
+    per_rank = ckpt.get("rng_ranks")
+    if saved == world and per_rank is not None:
+        set_rng_state(per_rank[rank])
+    elif rank == 0:
+        set_rng_state(ckpt["rng"])
+    else:
+        seed_everything(_rank_seed(seed, rank, int(ckpt["epoch"])))
+
+
 def fit(
     spec: TrainSpec,
     out_dir: str | os.PathLike,
@@ -425,8 +642,13 @@ def fit(
     amp: bool = False,
     channels_last: bool = False,
     batches: Any | None = None,
+    sync_bn: bool = False,
+    stop_after: int | None = None,
 ) -> dict[str, Any]:
     """Train ``spec.model`` for ``spec.recipe.epochs`` epochs, checkpointing every epoch.
+
+    Runs alone or, after :func:`interp.dist.init_from_env` under ``torchrun``,
+    as one rank of a DistributedDataParallel run (module docstring).
 
     Parameters
     ----------
@@ -435,18 +657,19 @@ def fit(
     out_dir:
         Folder for ``last.pt``, ``best.pt`` and ``log.json``.
     device:
-        ``"cpu"``, ``"cuda"`` or a ``torch.device``.
+        ``"cpu"``, ``"cuda"`` or a ``torch.device`` (under torchrun the one
+        :func:`interp.dist.init_from_env` returned, ``cuda:LOCAL_RANK``).
     workers:
-        DataLoader worker processes (0 = load in the main process).
+        DataLoader worker processes (0 = load in the main process), per rank.
     seed:
         Seeds the global RNGs on a fresh start and the per-epoch shuffling.
     resume:
         Continue from ``out_dir/last.pt`` (same recipe, same training-set
-        size required). Without a ``last.pt`` a fresh run starts.
+        size required; any world size). Without a ``last.pt`` a fresh run starts.
     progress:
-        Show a tqdm bar per epoch (images/s as its rate).
+        Show a tqdm bar per epoch (images/s as its rate; rank 0 only).
     log:
-        Where the one-line epoch summaries go.
+        Where the one-line epoch summaries go (rank 0 only).
     amp:
         bf16 autocast for forward passes and loss (CUDA and CPU).
     channels_last:
@@ -456,6 +679,19 @@ def fit(
         ``n_train``, ``train_batches(seed, epoch, batch_size)`` (a function of
         its arguments only, for exact resumption), ``val_batches(batch_size)``
         and ``describe()``, e.g. :class:`adapters.gpu_data.DeviceImagenette`.
+        Under DDP both batch methods also take ``rank=`` and ``world=`` and
+        yield only this rank's part (:func:`rank_blocks` for training,
+        :func:`interp.dist.shard` of the validation set).
+    sync_bn:
+        Under DDP, convert BatchNorm layers to ``SyncBatchNorm`` (batch
+        statistics over the global batch; CUDA only). The model is handed
+        back with its original BatchNorm layers holding the trained values.
+        No effect in a single process.
+    stop_after:
+        Stop once this many epochs (counted from the start of the run, earlier
+        sessions included) are done; the LR schedule still spans the recipe's
+        epochs, so a later ``resume`` continues the same run, e.g. in the next
+        time slot of a cluster job, with any number of processes.
 
     Returns
     -------
@@ -467,10 +703,20 @@ def fit(
 
     recipe = spec.recipe
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    rank, world = dist.world()
+    ddp = dist.active()
+    main = rank == 0
+    say = log if main else _quiet
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but torch sees no CUDA GPU; use --device cpu")
+    if ddp and device.type == "cuda" and device.index is None:
+        # A bare "cuda" would put every rank on GPU 0; init_from_env made this rank's GPU current.
+        device = torch.device("cuda", torch.cuda.current_device())
+    if stop_after is not None and stop_after < 1:
+        raise ValueError(f"stop_after must be >= 1 epoch, got {stop_after}")
     model = spec.model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -479,6 +725,22 @@ def fit(
         raise ValueError("the training set is empty")
     if batches is not None and batches.n_train != n_train:
         raise ValueError(f"the device batches hold {batches.n_train} training images, the training set {n_train}")
+    if ddp and n_train < world:
+        raise ValueError(f"the training set has {n_train} images, fewer than the {world} processes; use fewer processes")
+    if ddp and batches is not None:
+        import inspect
+
+        if "rank" not in inspect.signature(batches.train_batches).parameters:
+            raise ValueError(f"{type(batches).__name__} cannot split its batches over processes (no rank/world "
+                             "arguments); run it without torchrun")
+    converted: list[tuple[nn.Module, str, nn.Module]] = []
+    if sync_bn and ddp:
+        if device.type != "cuda":
+            raise ValueError("--sync-bn needs CUDA: torch's SyncBatchNorm does not run on CPU tensors; "
+                             "drop --sync-bn for CPU runs")
+        converted = _convert_sync_bn(model)
+    # Steps per epoch as in one process, whatever the world size, so that the
+    # schedule is the recipe's and a resume with another world size continues it.
     steps_per_epoch = math.ceil(n_train / recipe.batch_size)
     optimizer = recipe.make_optimizer(model.parameters())
     scheduler = recipe.make_scheduler(optimizer, steps_per_epoch)
@@ -487,47 +749,48 @@ def fit(
     start_epoch = 0
     best: dict[str, Any] | None = None
     last_path = out / "last.pt"
-    if resume and last_path.exists():
-        ckpt = load_checkpoint(last_path, required=_RESUME_KEYS)
-        if ckpt["format"] != CHECKPOINT_FORMAT:
-            raise ValueError(f"{last_path} has format {ckpt['format']!r}, expected {CHECKPOINT_FORMAT!r}")
-        if ckpt["recipe"] != recipe.to_dict():
-            raise ValueError(
-                f"cannot resume: {last_path} was trained with recipe {ckpt['recipe']}, now {recipe.to_dict()}"
-            )
-        if ckpt.get("n_train") != n_train or ckpt["seed"] != seed:
-            raise ValueError(
-                f"cannot resume: {last_path} was trained on {ckpt.get('n_train')} images with seed "
-                f"{ckpt['seed']}, now {n_train} images with seed {seed}"
-            )
+    ckpt = _read_resume(last_path, recipe, n_train, seed) if resume else None
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"])
+        _restore_rng(ckpt, rank, world, seed)
         history = list(ckpt["history"])
         start_epoch = int(ckpt["epoch"])
         best = ckpt.get("best")
-        log(f"resuming from {last_path}: {start_epoch}/{recipe.epochs} epochs done")
+        saved_world = int(ckpt.get("world_size", 1))
+        say(f"resuming from {last_path}: {start_epoch}/{recipe.epochs} epochs done"
+            + (f" (saved by {saved_world} process(es), continuing with {world})" if saved_world != world else ""))
+        del ckpt
     else:
-        seed_everything(seed)
+        # Distinct streams per rank (dropout, main-process augmentation); rank 0 keeps the single-process seed.
+        seed_everything(seed if rank == 0 else _rank_seed(seed, rank, 0))
 
-    def save(path: Path, epoch: int) -> None:
-        atomic_save(
-            {
-                "format": CHECKPOINT_FORMAT,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "epoch": epoch,
-                "rng": rng_state(),
-                "history": history,
-                "best": best,
-                "recipe": recipe.to_dict(),
-                "seed": seed,
-                "n_train": n_train,
-            },
-            path,
-        )
+    net: nn.Module = model
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Broadcasts rank 0's parameters and buffers now, and the buffers again at every training forward.
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def save(path: Path, epoch: int, rngs: list[dict[str, Any]]) -> None:
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "model": model.state_dict(),  # the unwrapped module: no "module." prefix
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch,
+            "rng": rngs[0],
+            "world_size": world,
+            "history": history,
+            "best": best,
+            "recipe": recipe.to_dict(),
+            "seed": seed,
+            "n_train": n_train,
+        }
+        if world > 1:
+            state["rng_ranks"] = rngs
+        atomic_save(state, path)
 
     def write_log() -> None:
         _write_json(
@@ -539,6 +802,9 @@ def fit(
                 "val_n": len(spec.val_set) if spec.val_set is not None else 0,
                 "device": str(device),
                 "threads": torch.get_num_threads(),
+                "world_size": world,
+                "global_batch": recipe.batch_size,
+                "sync_bn": bool(converted),
                 "amp": "bf16" if amp else None,
                 "channels_last": channels_last,
                 "workers": workers,
@@ -550,112 +816,170 @@ def fit(
         )
 
     # With workers, one DataLoader per split for the whole run (persistent
-    # worker processes: no start-up cost per epoch); see _SeededItems.
-    train_sampler = val_loader = persistent = None
-    if batches is None and workers > 0:
+    # worker processes: no start-up cost per epoch); see _SeededItems. Under
+    # DDP one loader over this rank's blocks, with or without workers.
+    train_sampler = val_loader = persistent = rank_sampler = None
+    eval_batch = 2 * math.ceil(recipe.batch_size / world)
+    plan = rank_blocks(n_train, recipe.batch_size, rank, world) if ddp else []
+    if batches is None and ddp:
+        rank_sampler = _RankBatches(n_train, recipe.batch_size, seed, rank, world, keyed=workers > 0)
+        persistent = _rank_loader(_SeededItems(spec.train_set, seed) if workers > 0 else spec.train_set,
+                                  rank_sampler, workers, device)
+        if spec.val_set is not None and workers > 0:
+            val_part = torch.utils.data.Subset(spec.val_set, dist.shard(len(spec.val_set)))
+            val_loader = _persistent_loader(val_part, eval_batch, None, workers, device)
+    elif batches is None and workers > 0:
         train_sampler = _EpochSampler(n_train, seed)
         persistent = _persistent_loader(_SeededItems(spec.train_set, seed), recipe.batch_size, train_sampler,
                                         workers, device)
         if spec.val_set is not None:
-            val_loader = _persistent_loader(spec.val_set, 2 * recipe.batch_size, None, workers, device)
+            val_loader = _persistent_loader(spec.val_set, eval_batch, None, workers, device)
     # Reading the running loss forces a device sync; on a GPU do it only every
     # few batches so that the host can queue work ahead of the device.
     sync_every = 1 if device.type == "cpu" else 25
+    last_epoch = recipe.epochs if stop_after is None else min(recipe.epochs, stop_after)
 
     t_run = time.perf_counter()
-    for epoch in range(start_epoch, recipe.epochs):
-        model.train()
-        if batches is not None:
-            loader: Iterable = batches.train_batches(seed, epoch, recipe.batch_size)
-        elif persistent is not None:
-            train_sampler.epoch = epoch
-            loader = persistent
+    try:
+        for epoch in range(start_epoch, last_epoch):
+            net.train()
+            if batches is not None:
+                loader: Iterable = (batches.train_batches(seed, epoch, recipe.batch_size, rank=rank, world=world)
+                                    if ddp else batches.train_batches(seed, epoch, recipe.batch_size))
+            elif rank_sampler is not None:
+                rank_sampler.epoch = epoch
+                loader = persistent
+            elif persistent is not None:
+                train_sampler.epoch = epoch
+                loader = persistent
+            else:
+                loader = _loader(spec.train_set, recipe.batch_size, True, _epoch_generator(seed, epoch), workers,
+                                 device)
+            bar = tqdm(
+                total=sum(b1 - b0 for b0, b1, _, _ in plan) if ddp else n_train,
+                desc=f"epoch {epoch + 1}/{recipe.epochs}", unit="img", unit_scale=True,
+                disable=not progress or not main, leave=False, file=sys.stderr, mininterval=1.0,
+            )
+            # Running sums stay on the device (float64: same value as summing Python floats).
+            loss_acc = torch.zeros((), dtype=torch.float64, device=device)
+            correct_acc = torch.zeros((), dtype=torch.int64, device=device)
+            seen = 0
+            step = 0
+            t0 = time.perf_counter()
+            for x, y in loader:
+                if ddp and step >= len(plan):
+                    raise RuntimeError(f"the training batches of rank {rank} outnumber the {len(plan)} planned steps")
+                x = _to_device(x, device, channels_last)
+                y = y.to(device, non_blocking=True)
+                with _autocast(device, amp):
+                    out_b = net(x)
+                    loss = spec.loss_fn(out_b, y)
+                if sync_every == 1 and not torch.isfinite(loss):
+                    raise RuntimeError(f"loss became {float(loss)} at epoch {epoch + 1}; lower the learning rate")
+                optimizer.zero_grad(set_to_none=True)
+                if ddp:
+                    # DDP averages the ranks' gradients; weighting each rank's mean loss by its share of the
+                    # global batch makes that average the gradient of the global batch's mean loss.
+                    b0, b1, _, _ = plan[step]
+                    share = world * len(y) / (b1 - b0)
+                    (loss * share if share != 1.0 else loss).backward()
+                else:
+                    loss.backward()
+                if recipe.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                with torch.no_grad():
+                    loss_acc += loss.detach().double() * len(y)
+                    correct_acc += (spec.scores_fn(out_b.detach().float()).argmax(1) == y).sum()
+                seen += len(y)
+                bar.update(plan[step][1] - plan[step][0] if ddp else len(y))
+                step += 1
+                if step % sync_every == 0:
+                    running = float(loss_acc) / seen
+                    if not math.isfinite(running):
+                        raise RuntimeError(f"loss became {running} at epoch {epoch + 1}; lower the learning rate")
+                    bar.set_postfix(loss=f"{running:.4f}", refresh=False)
+            bar.close()
+            loss_sum = float(loss_acc)
+            correct = int(correct_acc)
+            seconds = time.perf_counter() - t0
+            if ddp:
+                if step != len(plan):
+                    raise RuntimeError(f"rank {rank} ran {step} training steps, {len(plan)} were planned")
+                # The left-out last batch (fewer images than ranks): the schedule still counts it.
+                for _ in range(steps_per_epoch - len(plan)):
+                    scheduler.step()
+                parts = dist.gather((loss_sum, correct, seen))
+                loss_sum = sum((p[0] for p in parts), 0.0)
+                correct = sum(p[1] for p in parts)
+                seen = sum(p[2] for p in parts)
+                seconds = dist.broadcast(seconds)  # rank 0's clock: identical records on every rank
+                _sync_buffers(model)
+            if not math.isfinite(loss_sum):
+                raise RuntimeError(f"loss became {loss_sum / seen} at epoch {epoch + 1}; lower the learning rate")
+            record: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "train_loss": loss_sum / seen,
+                "train_top1": correct / seen,
+                "lr_end": optimizer.param_groups[0]["lr"],
+                "seconds": seconds,
+                "images_per_s": seen / seconds,
+                "world_size": world,
+            }
+            if spec.val_set is not None:
+                if batches is not None:
+                    val_batches = (batches.val_batches(eval_batch, rank=rank, world=world) if ddp
+                                   else batches.val_batches(eval_batch))
+                else:
+                    val_batches = val_loader
+                # The unwrapped module: ranks may run different numbers of validation batches.
+                val = evaluate(model, spec.val_set, spec.loss_fn, spec.scores_fn,
+                               batch_size=eval_batch, device=device, workers=workers,
+                               amp=amp, channels_last=channels_last, batches=val_batches, distributed=ddp)
+                record.update({f"val_{k}": v for k, v in val.items() if k != "n"})
+            # Epoch-level schedules driven by a metric (ReduceLROnPlateau on val
+            # top-1, adapters.recipes.EpochScheduler) step here, before the save;
+            # the record is the same on every rank, so are their schedules.
+            if hasattr(scheduler, "epoch_end"):
+                scheduler.epoch_end(record)
+            history.append(record)
+            key = "val_top1" if "val_top1" in record else "train_top1"
+            improved = best is None or record[key] > best[key]
+            if improved:
+                best = dict(record)
+            rngs = dist.gather(rng_state())
+            if main:
+                save(last_path, epoch + 1, rngs)
+                if improved:
+                    save(out / "best.pt", epoch + 1, rngs)
+                write_log()
+            dist.barrier()  # nobody goes on (or reads last.pt) before rank 0 has written it
+            msg = (
+                f"epoch {epoch + 1}/{recipe.epochs}  train loss {record['train_loss']:.4f}  "
+                f"train top-1 {100 * record['train_top1']:.2f}%"
+            )
+            if "val_top1" in record:
+                msg += f"  {spec.val_name} loss {record['val_loss']:.4f}  top-1 {100 * record['val_top1']:.2f}%"
+            if "val_top5" in record:
+                msg += f"  top-5 {100 * record['val_top5']:.2f}%"
+            msg += f"  ({seconds:.1f} s, {record['images_per_s']:.0f} img/s"
+            msg += f", {world} processes)" if ddp else ")"
+            say(msg)
+    finally:
+        _restore_bn(converted)
+    if start_epoch >= last_epoch:
+        if last_epoch == recipe.epochs:
+            say(f"nothing to do: {last_path} already has all {recipe.epochs} epochs")
         else:
-            loader = _loader(spec.train_set, recipe.batch_size, True, _epoch_generator(seed, epoch), workers, device)
-        bar = tqdm(
-            total=n_train, desc=f"epoch {epoch + 1}/{recipe.epochs}", unit="img", unit_scale=True,
-            disable=not progress, leave=False, file=sys.stderr, mininterval=1.0,
-        )
-        # Running sums stay on the device (float64: same value as summing Python floats).
-        loss_acc = torch.zeros((), dtype=torch.float64, device=device)
-        correct_acc = torch.zeros((), dtype=torch.int64, device=device)
-        seen = 0
-        step = 0
-        t0 = time.perf_counter()
-        for x, y in loader:
-            x = _to_device(x, device, channels_last)
-            y = y.to(device, non_blocking=True)
-            with _autocast(device, amp):
-                out_b = model(x)
-                loss = spec.loss_fn(out_b, y)
-            if sync_every == 1 and not torch.isfinite(loss):
-                raise RuntimeError(f"loss became {float(loss)} at epoch {epoch + 1}; lower the learning rate")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if recipe.grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            with torch.no_grad():
-                loss_acc += loss.detach().double() * len(y)
-                correct_acc += (spec.scores_fn(out_b.detach().float()).argmax(1) == y).sum()
-            seen += len(y)
-            step += 1
-            bar.update(len(y))
-            if step % sync_every == 0:
-                running = float(loss_acc) / seen
-                if not math.isfinite(running):
-                    raise RuntimeError(f"loss became {running} at epoch {epoch + 1}; lower the learning rate")
-                bar.set_postfix(loss=f"{running:.4f}", refresh=False)
-        bar.close()
-        loss_sum = float(loss_acc)
-        correct = int(correct_acc)
-        if not math.isfinite(loss_sum):
-            raise RuntimeError(f"loss became {loss_sum / seen} at epoch {epoch + 1}; lower the learning rate")
-        seconds = time.perf_counter() - t0
-        record: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum / seen,
-            "train_top1": correct / seen,
-            "lr_end": optimizer.param_groups[0]["lr"],
-            "seconds": seconds,
-            "images_per_s": seen / seconds,
-        }
-        if spec.val_set is not None:
-            val_batches = batches.val_batches(2 * recipe.batch_size) if batches is not None else val_loader
-            val = evaluate(model, spec.val_set, spec.loss_fn, spec.scores_fn,
-                           batch_size=2 * recipe.batch_size, device=device, workers=workers,
-                           amp=amp, channels_last=channels_last, batches=val_batches)
-            record.update({f"val_{k}": v for k, v in val.items() if k != "n"})
-        # Epoch-level schedules driven by a metric (ReduceLROnPlateau on val
-        # top-1, adapters.recipes.EpochScheduler) step here, before the save.
-        if hasattr(scheduler, "epoch_end"):
-            scheduler.epoch_end(record)
-        history.append(record)
-        key = "val_top1" if "val_top1" in record else "train_top1"
-        improved = best is None or record[key] > best[key]
-        if improved:
-            best = dict(record)
-        save(last_path, epoch + 1)
-        if improved:
-            save(out / "best.pt", epoch + 1)
-        write_log()
-        msg = (
-            f"epoch {epoch + 1}/{recipe.epochs}  train loss {record['train_loss']:.4f}  "
-            f"train top-1 {100 * record['train_top1']:.2f}%"
-        )
-        if "val_top1" in record:
-            msg += f"  {spec.val_name} loss {record['val_loss']:.4f}  top-1 {100 * record['val_top1']:.2f}%"
-        if "val_top5" in record:
-            msg += f"  top-5 {100 * record['val_top5']:.2f}%"
-        msg += f"  ({seconds:.1f} s, {record['images_per_s']:.0f} img/s)"
-        log(msg)
-    if start_epoch >= recipe.epochs:
-        log(f"nothing to do: {last_path} already has all {recipe.epochs} epochs")
-        write_log()
+            say(f"nothing to do: {last_path} already has {start_epoch} epochs (stop after {last_epoch})")
+        if main:
+            write_log()
+    elif last_epoch < recipe.epochs:
+        say(f"stopped after epoch {last_epoch}/{recipe.epochs}; continue with resume (--resume)")
     return {
         "history": history,
         "best": best,
-        "epochs_run": max(0, recipe.epochs - start_epoch),
+        "epochs_run": max(0, last_epoch - start_epoch),
         "seconds": time.perf_counter() - t_run,
     }

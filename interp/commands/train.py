@@ -13,6 +13,14 @@ that lives on the GPU and is augmented there per batch
 The cache file goes next to the output folder (``OUT/../imagenette-uint8-
 SIZE-KEY.pt``, shared by the five models) unless ``--cache-file`` says
 otherwise. All options also run on the CPU (smoke runs, CI).
+
+Distributed data parallel: launched by ``torchrun`` (e.g. ``torchrun
+--standalone --nproc-per-node 2 -m interp.cli train lenet5 ...``) every
+process trains a DistributedDataParallel replica (Gloo on CPUs, NCCL on
+GPUs, one GPU per process with ``--device cuda``); ``--batch-size`` / the
+recipe's batch size is the global batch, split over the processes. Rank 0
+alone prints, shows progress bars and writes files; ``--resume`` works with
+any number of processes (:mod:`adapters.training` says what carries over).
 """
 from __future__ import annotations
 
@@ -78,7 +86,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--out", default=None, help="output folder (default out/train/MODEL)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (with any number of processes)")
+    p.add_argument("--stop-after", type=int, default=None, metavar="EPOCHS",
+                   help="stop once EPOCHS epochs are done (the LR schedule still spans the recipe); "
+                        "continue later with --resume, e.g. in the next slot of a time-limited job")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun with --device cuda: SyncBatchNorm, batch statistics over the global batch")
     p.add_argument("--no-progress", action="store_true", help="no per-epoch progress bar")
     p.set_defaults(func=run)
     return p
@@ -93,18 +106,26 @@ def _setup(name: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train ``args.model``; returns 0 on success."""
-    import torch
+    """Train ``args.model``, alone or as one ``torchrun`` process; returns 0 on success."""
+    from interp import dist
 
-    from adapters.training import fit, seed_everything
+    _check_args(args)
+    device = dist.init_from_env(args.device)
+    try:
+        return _train(args, device)
+    finally:
+        dist.shutdown()
 
-    setup = _setup(args.model)
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Argument errors, before any process group is joined (so every process reports the same line)."""
+    _setup(args.model)
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be >= 1")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     if args.workers < 0:
         raise ValueError("--workers must be >= 0")
+    if getattr(args, "stop_after", None) is not None and args.stop_after < 1:
+        raise ValueError("--stop-after must be >= 1 epoch")
     if args.cache_uint8 is not None:
         if TRAINABLE[args.model] != _IMAGENETTE:
             raise ValueError(f"--cache-uint8 applies to the Imagenette models, not {args.model}")
@@ -112,16 +133,38 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--cache-uint8 SIZE must be >= 8 px, got {args.cache_uint8}")
     elif args.cache_file is not None:
         raise ValueError("--cache-file goes with --cache-uint8 SIZE")
-    if args.device == "cuda" and not torch.cuda.is_available():
+    _check_cuda(args.device)
+
+
+def _check_cuda(device: str) -> None:
+    """Before torchrun's processes pick their GPUs: a clear line when there is none."""
+    import torch
+
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but torch sees no CUDA GPU; use --device cpu")
-    # Seed before the model is built: its initial weights are part of the run.
+
+
+def _train(args: argparse.Namespace, device) -> int:
+    import torch
+
+    from adapters.training import fit, seed_everything
+    from interp import dist
+
+    setup = _setup(args.model)
+    rank, world = dist.world()
+    say = print if rank == 0 else (lambda *_a, **_k: None)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    # Seed before the model is built: its initial weights are part of the run
+    # (and the same on every rank; DDP broadcasts rank 0's anyway).
     seed_everything(args.seed)
     kwargs: dict[str, Any] = {"data_root": args.data, "limit": args.limit}
     if args.image_size is not None:
         if "image_size" not in inspect.signature(setup).parameters:
             raise ValueError(f"--image-size does not apply to {args.model} (its input size is fixed)")
         kwargs["image_size"] = args.image_size
-    spec = setup(**kwargs)
+    # Rank 0 first: a setup may compute and cache dataset statistics, which the others then read.
+    spec = _rank0_first(lambda: setup(**kwargs))
     changes: dict[str, Any] = {}
     if args.epochs is not None:
         changes["epochs"] = args.epochs
@@ -132,28 +175,53 @@ def run(args: argparse.Namespace) -> int:
     if changes:
         spec.recipe = dataclasses.replace(spec.recipe, **changes)
     out = Path(args.out) if args.out else Path("out") / "train" / args.model
-    batches = _device_batches(args, spec, out) if args.cache_uint8 is not None else None
-    print(
+    batches = _device_batches(args, spec, out, device) if args.cache_uint8 is not None else None
+    batch = spec.recipe.batch_size
+    split = ""
+    if world > 1:
+        per = f"{batch // world}" if batch % world == 0 else f"{batch // world}-{batch // world + 1}"
+        split = f" ({per} per process x {world} processes" + (", SyncBatchNorm" if args.sync_bn else "") + ")"
+    say(
         f"training {args.model} with recipe {spec.recipe.name}: {spec.recipe.epochs} epochs, batch "
-        f"{spec.recipe.batch_size}, {len(spec.train_set)} training images, device {args.device}, "
+        f"{batch}{split}, {len(spec.train_set)} training images, device {device if world > 1 else args.device}, "
         f"{torch.get_num_threads()} threads"
         + (", bf16 autocast" if args.amp else "") + (", channels_last" if args.channels_last else "")
         + (f", uint8 cache at {args.cache_uint8} px augmented on {args.device}" if batches is not None else "")
         + f" -> {out}"
     )
+    if args.sync_bn and world == 1:
+        say("note: --sync-bn has no effect in a single process (launch with torchrun)")
     result = fit(
-        spec, out, device=args.device, workers=args.workers, seed=args.seed,
+        spec, out, device=device, workers=args.workers, seed=args.seed,
         resume=args.resume, progress=not args.no_progress,
         amp=args.amp, channels_last=args.channels_last, batches=batches,
+        sync_bn=args.sync_bn, stop_after=args.stop_after,
     )
     history = result["history"]
-    if len(history) == spec.recipe.epochs:
+    if len(history) == spec.recipe.epochs and rank == 0:
         _export(args, spec, history, out)
     return 0
 
 
-def _device_batches(args: argparse.Namespace, spec, out: Path):
-    """The :class:`adapters.gpu_data.DeviceImagenette` of ``--cache-uint8`` (decoded or read from its file)."""
+def _rank0_first(make):
+    """``make()`` on rank 0, then on the other ranks (after a barrier): rank 0 fills any file cache first."""
+    from interp import dist
+
+    result = make() if dist.is_main() else None
+    dist.barrier()
+    return make() if not dist.is_main() else result
+
+
+def _device_batches(args: argparse.Namespace, spec, out: Path, device=None):
+    """The :class:`adapters.gpu_data.DeviceImagenette` of ``--cache-uint8`` (decoded or read from its file).
+
+    Under torchrun every process holds the whole cache on its own GPU (any
+    image can fall into any rank's block of a batch); rank 0 decodes and
+    writes the cache file first, the others then read it (or, with
+    ``--cache-file none`` or no shared file system, decode it themselves).
+    """
+    from interp import dist
+
     from adapters import gpu_data
     from adapters.imagenette import dataset_stats
     from adapters.recipes import get_recipe
@@ -166,14 +234,16 @@ def _device_batches(args: argparse.Namespace, spec, out: Path):
     else:
         key = gpu_data.cache_key(spec.train_set.fingerprint(), spec.val_set.fingerprint(), size)
         path = out.resolve().parent / f"imagenette-uint8-{size}-{key}.pt"
-    train, val = gpu_data.load_or_decode(spec.train_set, spec.val_set, size, path, workers=args.workers,
-                                         progress=not args.no_progress)
+    quiet = not dist.is_main()
+    train, val = _rank0_first(lambda: gpu_data.load_or_decode(
+        spec.train_set, spec.val_set, size, path, workers=args.workers, progress=not (args.no_progress or quiet),
+        log=(lambda *_a, **_k: None) if quiet else print))
     recipe = get_recipe(args.model)
     image_size = int(spec.recipe.image_size)
     # dataset_stats is cached on disk: this is the same record training_setup used.
     stats = dataset_stats(args.data)
     return gpu_data.DeviceImagenette(train, val, gpu_data.aug_spec(recipe.train_transform, image_size), stats,
-                                     image_size, device=args.device)
+                                     image_size, device=device if device is not None else args.device)
 
 
 def _command(args: argparse.Namespace) -> str:
@@ -187,7 +257,8 @@ def _command(args: argparse.Namespace) -> str:
     ):
         if value is not None:
             parts += [flag, str(value)]
-    for flag, on in (("--amp", getattr(args, "amp", False)), ("--channels-last", getattr(args, "channels_last", False))):
+    for flag, on in (("--amp", getattr(args, "amp", False)), ("--channels-last", getattr(args, "channels_last", False)),
+                     ("--sync-bn", getattr(args, "sync_bn", False))):
         if on:
             parts.append(flag)
     return " ".join(shlex.quote(p) for p in parts)
@@ -220,6 +291,7 @@ def _export(args: argparse.Namespace, spec, history: list[dict[str, Any]], out: 
         "train_seconds": sum(h["seconds"] for h in history),
         "seconds_per_epoch": sum(h["seconds"] for h in history) / len(history),
         "device": args.device,
+        "world_size": history[-1].get("world_size", 1),  # of the session that finished the run
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
