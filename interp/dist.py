@@ -11,12 +11,15 @@ otherwise.
 from __future__ import annotations
 
 import os
-from typing import Any, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_from_env", "world", "is_main", "shard", "gather", "broadcast", "barrier", "launched", "shutdown"]
+__all__ = [
+    "init_from_env", "world", "is_main", "shard", "shard_blocks", "gather", "gather_to", "collect", "work_queue",
+    "broadcast", "barrier", "launched", "active", "shutdown", "PeerError", "told_everyone",
+]
 
 T = TypeVar("T")
 
@@ -114,3 +117,122 @@ def barrier() -> None:
     """Wait for every rank (no-op alone)."""
     if active():
         dist.barrier()
+
+
+def shard_blocks(n: int, block: int, rank: int | None = None, size: int | None = None) -> range:
+    """This rank's contiguous run of whole ``block``-sized pieces of ``range(n)``.
+
+    The pieces are the batches a single process would form
+    (``[0, block)``, ``[block, 2 * block)``, ...); ranks get whole pieces,
+    contiguous and in order, differing by at most one piece. Keeping the
+    single-process batches means every item meets exactly the same batch
+    companions, so batch-size-dependent kernels give bit-identical outputs.
+    """
+    if block < 1:
+        raise ValueError(f"block must be at least 1, got {block}")
+    pieces = shard(-(-n // block), rank, size)
+    return range(min(pieces.start * block, n), min(pieces.stop * block, n))
+
+
+def gather_to(obj: T, dst: int = 0) -> list[T] | None:
+    """Every rank's ``obj`` in rank order on rank ``dst`` only (``None`` elsewhere; ``[obj]`` alone).
+
+    Cheaper than :func:`gather` for large payloads that one rank consumes.
+    """
+    if not active():
+        return [obj]
+    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
+
+
+class PeerError(RuntimeError):
+    """Raised on the ranks that did not fail when another rank's work raised."""
+
+
+def told_everyone(exc: BaseException) -> bool:
+    """True for an error every rank raised (via :func:`collect`): rank 0 alone need report it."""
+    return bool(getattr(exc, "_cnn_internals_collective", False))
+
+
+def collect(fn: Callable[[], T], dst: int | None = None) -> list[T] | None:
+    """Run ``fn`` on every rank and gather the results, failing together.
+
+    Parameters
+    ----------
+    fn:
+        This rank's work.
+    dst:
+        ``None``: every rank gets the list; a rank number: only that rank does
+        (others get ``None``).
+
+    Returns
+    -------
+    list or None
+        ``fn()`` of every rank, in rank order (``[fn()]`` alone).
+
+    Raises
+    ------
+    Exception
+        If ``fn`` raised on any rank, every rank raises instead of waiting
+        forever in a collective the failed rank never joins: that rank its own
+        exception, the others :class:`PeerError` with the same message.
+    """
+    if not active():
+        return [fn()]
+    try:
+        value, error, failure = fn(), None, None
+    except Exception as exc:  # noqa: BLE001 - re-raised below, after telling the other ranks
+        value, error, failure = None, exc, f"{type(exc).__name__}: {exc}"
+    if dst is None:
+        got = gather((failure, value if failure is None else None))
+        failures, values = [g[0] for g in got], [g[1] for g in got]
+    else:
+        failures, values = gather(failure), None
+    bad = [(r, f) for r, f in enumerate(failures) if f is not None]
+    if bad:
+        rank, message = bad[0]
+        if error is not None:
+            error._cnn_internals_collective = True
+            raise error
+        err = PeerError(f"rank {rank} failed: {message}")
+        err._cnn_internals_collective = True
+        raise err
+    if dst is not None:
+        values = gather_to(value, dst)
+    return values
+
+
+_QUEUES = [0]  # how many work queues this process has opened (the same count on every rank)
+
+
+def work_queue(n: int) -> Iterator[int]:
+    """Hand out ``range(n)`` to the ranks, each index to exactly one rank, first come first served.
+
+    Every rank must call it (the same number of times, for the same ``n``).
+    Ranks take the next index as they finish one (an atomic counter in the
+    process group's key-value store), so a rank that drew cheap items takes
+    more of them; put the costliest items first. Alone: ``0, 1, ..., n-1``.
+    Falls back to round-robin when the store cannot be reached.
+    """
+    # Counted when called, not when first iterated, so that every rank names
+    # this queue's counter alike even if one of them never draws from it.
+    _QUEUES[0] += 1
+    if not active():
+        return iter(range(n))
+    try:
+        store = dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - a private accessor: fall back to a fixed share
+        store = None
+    if store is None:
+        rank, size = world()
+        return iter(range(rank, n, size))
+    return _draw(store, f"cnn-internals/queue/{_QUEUES[0]}", n)
+
+
+def _draw(store: Any, key: str, n: int) -> Iterator[int]:
+    while True:
+        i = int(store.add(key, 1)) - 1
+        if i >= n:
+            return
+        yield i
