@@ -147,15 +147,55 @@ class _Running:
         ar = torch.arange(h * w, device=sel.device)
         pos = torch.where(sel == vals.unsqueeze(2), ar, h * w).amin(dim=2)
         index = index.to(sel.device)
-        cand_v = torch.cat([self.vals, vals.t()], dim=1)
-        cand_i = torch.cat([self.idx, index.unsqueeze(0).expand(nc, b)], dim=1)
-        cand_p = torch.cat([self.pos, pos.t()], dim=1)
+        self.push(vals.t(), index.unsqueeze(0).expand(nc, b), pos.t())
+
+    def push(self, vals: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor) -> None:
+        """Merge ``(nc, m)`` candidates (value, dataset index, position) into the top-k."""
+        cand_v = torch.cat([self.vals, vals.to(self.vals.device)], dim=1)
+        cand_i = torch.cat([self.idx, idx.to(self.idx.device)], dim=1)
+        cand_p = torch.cat([self.pos, pos.to(self.pos.device)], dim=1)
         # Order by (value desc, dataset index asc): stable sort on the index
         # first, then a stable sort on -value keeps that order among ties.
         o1 = torch.sort(cand_i, dim=1, stable=True).indices
         cand_v, cand_i, cand_p = (t.gather(1, o1) for t in (cand_v, cand_i, cand_p))
         o2 = torch.sort(-cand_v, dim=1, stable=True).indices[:, : self.k]
         self.vals, self.idx, self.pos = (t.gather(1, o2) for t in (cand_v, cand_i, cand_p))
+
+    def state(self) -> dict | None:
+        """What another rank needs to merge this top-k (CPU tensors), ``None`` if nothing was seen."""
+        if self.vals is None:
+            return None
+        return {"channels": list(self.channels), "out_shape": self.out_shape,
+                "vals": self.vals.cpu(), "idx": self.idx.cpu(), "pos": self.pos.cpu()}
+
+    @classmethod
+    def merged(cls, name: str, k: int, states: list[dict | None]) -> "_Running":
+        """The top-k of the union of several ranks' top-k.
+
+        Each rank holds the exact top-k of its own images under the total
+        order (value desc, dataset index asc), and indices are unique, so the
+        top-k of their union is the top-k of all images: the single-process
+        answer, whatever the shard boundaries.
+        """
+        seen = [st for st in states if st is not None]
+        out = cls(name, None, k)
+        if not seen:
+            return out
+        first = seen[0]
+        out.channels, out.out_shape = list(first["channels"]), first["out_shape"]
+        nc = len(out.channels)
+        out.vals = torch.empty(nc, 0)
+        out.idx = torch.empty(nc, 0, dtype=torch.long)
+        out.pos = torch.empty(nc, 0, dtype=torch.long)
+        out.chan_t = torch.tensor(out.channels)
+        for st in seen:
+            if st["channels"] != out.channels or st["out_shape"] != out.out_shape:
+                raise RuntimeError(
+                    f"layer {name!r}: ranks disagree on channels/shape ({first['channels']}, {first['out_shape']} "
+                    f"vs {st['channels']}, {st['out_shape']}); every rank must run the same model and data"
+                )
+            out.push(st["vals"], st["idx"], st["pos"])
+        return out
 
 
 def _receptive_fields(model: nn.Module, names: list[str], input_size: tuple[int, int],
@@ -176,18 +216,26 @@ def _receptive_fields(model: nn.Module, names: list[str], input_size: tuple[int,
         return out
 
 
-def _batches(data, batch_size: int, num_workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor] | None]:
-    """Yield ``(images, dataset_indices)`` batches from any supported data."""
+def _batches(data, batch_size: int, num_workers: int,
+             positions: range | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor] | None]:
+    """Yield ``(images, dataset_indices)`` batches from any supported data.
+
+    ``positions`` restricts the pass to those items (a rank's shard); the
+    indices yielded stay those of the whole dataset.
+    """
     from .data import IndexedImages, collate_skipping
 
     if isinstance(data, torch.Tensor):
         if data.ndim != 4:
             raise ValueError(f"image tensor must be N x C x H x W, got shape {tuple(data.shape)}")
-        for s in range(0, len(data), batch_size):
-            yield data[s : s + batch_size], torch.arange(s, min(s + batch_size, len(data)))
+        span = positions if positions is not None else range(len(data))
+        for s in range(span.start, span.stop, batch_size):
+            e = min(s + batch_size, span.stop)
+            yield data[s:e], torch.arange(s, e)
         return
-    if isinstance(data, IndexedImages):
-        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False,
+    subset = data if positions is None else torch.utils.data.Subset(data, positions)
+    if isinstance(data, IndexedImages):  # items carry their own (global) index
+        loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False,
                                              num_workers=num_workers, collate_fn=collate_skipping)
         yield from loader
         return
@@ -197,9 +245,9 @@ def _batches(data, batch_size: int, num_workers: int) -> Iterator[tuple[torch.Te
         xs = [b[0] if isinstance(b, (tuple, list)) else b for b in batch]
         return torch.stack([x if isinstance(x, torch.Tensor) else torch.as_tensor(x) for x in xs])
 
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False,
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers, collate_fn=first)
-    start = 0
+    start = positions.start if positions is not None else 0
     for xs in loader:
         yield xs, torch.arange(start, start + len(xs))
         start += len(xs)
@@ -218,6 +266,7 @@ def mine(
     num_workers: int = 0,
     progress: bool = True,
     receptive_fields: bool = True,
+    distributed: bool | None = None,
 ) -> TopK:
     """Find the top-``k`` images per channel of several layers in one pass.
 
@@ -253,6 +302,11 @@ def mine(
         Show a tqdm bar (images/s) on stderr.
     receptive_fields:
         Also compute each layer's receptive field (for boxes and panels).
+    distributed:
+        Split the pass over the ranks of the initialised ``torch.distributed``
+        process group (every rank must call :func:`mine` with the same
+        arguments). ``None`` (default): when one with more than one process
+        is initialised; ``False``: mine all of ``data`` in this process alone.
 
     Returns
     -------
@@ -267,6 +321,13 @@ def mine(
     The forward pass is cut short (by an exception raised in a hook and
     caught here) as soon as every requested layer has produced its output.
     A module called several times per forward is recorded at its first call.
+
+    Distributed (under ``torchrun``, see :mod:`interp.dist`): each rank mines
+    a contiguous block of whole batches (the batches one process would form;
+    nothing padded or repeated), the per-rank top-k are gathered and merged
+    under the same order, and every rank returns the same :class:`TopK`,
+    equal to the single-process one (``n_images`` counts all ranks). An error
+    on one rank is raised on every rank.
     """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
@@ -305,44 +366,73 @@ def mine(
 
     from tqdm.auto import tqdm
 
-    n_images = 0
-    input_size: tuple[int, int] | None = None
-    in_channels: int | None = None
+    from . import dist
+
+    spread = dist.active() if distributed is None else bool(distributed)
+    if spread and not dist.active():
+        raise ValueError("distributed=True needs an initialised torch.distributed process group with more than "
+                         "one process: start the script with torchrun (see interp.dist.init_from_env)")
     try:
         total = len(data)
     except TypeError:
         total = None
-    handles = []
-    with eval_mode(model), on_device(model, device) as dev, torch.no_grad():
-        try:
-            for n in names:
-                handles.append(modules[n].register_forward_hook(make_hook(n)))
-            with tqdm(total=total, unit="img", desc=f"mining {len(names)} layer(s)", disable=not progress,
-                      dynamic_ncols=True, leave=False) as bar:
-                for batch in _batches(data, batch_size, num_workers):
-                    if batch is None:  # every item of the batch was skipped
-                        continue
-                    xs, idx = batch
-                    if input_size is None:
-                        input_size = (int(xs.shape[-2]), int(xs.shape[-1]))
-                        in_channels = int(xs.shape[1])
-                    fired.clear()
-                    current["index"] = idx
-                    try:
-                        model(xs.to(dev))
-                    except StopForward:
-                        pass
-                    missing = [n for n in names if n not in fired]
-                    if missing:
-                        raise RuntimeError(
-                            f"layer(s) {', '.join(missing)} did not run in the forward pass; "
-                            "pick layers that the model's forward uses"
-                        )
-                    n_images += len(idx)
-                    bar.update(len(idx))
-        finally:
-            for h in handles:
-                h.remove()
+    positions = None
+    if spread:
+        if total is None:
+            raise ValueError(f"distributed mining splits the data by position, so it needs a length; "
+                             f"{type(data).__name__} has none (pass a Dataset or a tensor)")
+        positions = dist.shard_blocks(total, batch_size)
+
+    def mine_here() -> dict:
+        """One pass over this process's images; returns what the merge needs."""
+        n_images = 0
+        input_size: tuple[int, int] | None = None
+        in_channels: int | None = None
+        handles = []
+        with eval_mode(model), on_device(model, device) as dev, torch.no_grad():
+            try:
+                for n in names:
+                    handles.append(modules[n].register_forward_hook(make_hook(n)))
+                with tqdm(total=len(positions) if spread else total, unit="img", dynamic_ncols=True, leave=False,
+                          desc=f"mining {len(names)} layer(s)" + (f" (rank 0 of {dist.world()[1]})" if spread else ""),
+                          disable=not progress or (spread and not dist.is_main())) as bar:
+                    for batch in _batches(data, batch_size, num_workers, positions):
+                        if batch is None:  # every item of the batch was skipped
+                            continue
+                        xs, idx = batch
+                        if input_size is None:
+                            input_size = (int(xs.shape[-2]), int(xs.shape[-1]))
+                            in_channels = int(xs.shape[1])
+                        fired.clear()
+                        current["index"] = idx
+                        try:
+                            model(xs.to(dev))
+                        except StopForward:
+                            pass
+                        missing = [n for n in names if n not in fired]
+                        if missing:
+                            raise RuntimeError(
+                                f"layer(s) {', '.join(missing)} did not run in the forward pass; "
+                                "pick layers that the model's forward uses"
+                            )
+                        n_images += len(idx)
+                        bar.update(len(idx))
+            finally:
+                for h in handles:
+                    h.remove()
+        return {"n_images": n_images, "input_size": input_size, "in_channels": in_channels}
+
+    if spread:
+        # Each rank's top-k travels as CPU tensors; every rank merges them alike.
+        parts = dist.collect(lambda: {**mine_here(), "states": {n: running[n].state() for n in names}})
+        with_data = [p for p in parts if p["input_size"] is not None]
+        n_images = sum(p["n_images"] for p in parts)
+        input_size = with_data[0]["input_size"] if with_data else None
+        in_channels = with_data[0]["in_channels"] if with_data else None
+        running = {n: _Running.merged(n, k, [p["states"][n] for p in parts]) for n in names}
+    else:
+        part = mine_here()
+        n_images, input_size, in_channels = part["n_images"], part["input_size"], part["in_channels"]
     if n_images == 0:
         raise ValueError("no images to mine: the dataset is empty (or every image was skipped)")
 
@@ -351,7 +441,15 @@ def mine(
     except Exception:  # numbering is cosmetic; never fail mining over it
         conv_order = []
     path_of = getattr(data, "path", None)
-    rfs = _receptive_fields(model, names, input_size, in_channels) if receptive_fields else {}
+    rfs: dict = {}
+    if receptive_fields:
+        # Under torchrun rank 0 traces (and warns) once; the others get plain tuples.
+        if not spread or dist.is_main():
+            traced = _receptive_fields(model, names, input_size, in_channels)
+            rfs = {n: (tuple(rf.size), tuple(rf.stride), tuple(rf.offset), bool(rf.is_global))
+                   for n, rf in traced.items()}
+        if spread:
+            rfs = dist.broadcast(rfs)
     result = TopK(model_id=model_id, k=k, n_images=n_images, input_size=input_size)
     for n in names:
         r = running[n]
@@ -361,10 +459,11 @@ def mine(
         )
         rf = rfs.get(n)
         if rf is not None:
-            info.rf_size = tuple(int(v) for v in rf.size)
-            info.rf_stride = tuple(int(v) for v in rf.stride)
-            info.rf_offset = tuple(int(v) for v in rf.offset)
-            info.rf_global = bool(rf.is_global)
+            size, stride, offset, is_global = rf
+            info.rf_size = tuple(int(v) for v in size)
+            info.rf_stride = tuple(int(v) for v in stride)
+            info.rf_offset = tuple(int(v) for v in offset)
+            info.rf_global = is_global
         vals, idx, pos = r.vals.cpu(), r.idx.cpu(), r.pos.cpu()
         w = r.out_shape[2]
         per: dict[int, list[Entry]] = {}
