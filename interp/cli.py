@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Verb -> module under interp.commands, in the order shown by --help.
@@ -38,8 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        # Expected user errors: one line, no traceback.
-        print(f"cnn-internals {args.command}: error: {exc}", file=sys.stderr)
+        # Expected user errors: one line, no traceback. Under torchrun an
+        # error every rank raised together is printed by rank 0 alone.
+        from interp.dist import told_everyone
+
+        if not (told_everyone(exc) and os.environ.get("RANK", "0") != "0"):
+            print(f"cnn-internals {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -92,6 +92,7 @@ def visualize(
     progress: bool = True,
     web: str | None = None,
     num_workers: int = 0,
+    distributed: bool | None = None,
 ) -> VisualizeResult:
     """Mine, project and draw panels plus an HTML gallery into ``out_dir``.
 
@@ -119,16 +120,25 @@ def visualize(
         A saved mining result (:meth:`TopK.load`): skips mining and redraws.
     web:
         Also write each panel as ``"webp"`` or ``"jpg"``.
+    distributed:
+        Share the work among the ranks of the initialised ``torch.distributed``
+        process group (every rank calls :func:`visualize` alike); ``None``
+        (default): when one with more than one process is initialised. Mining
+        is split by images (:func:`interp.mine`); projecting and drawing by
+        (layer, method) jobs, handed out costliest first, each one the same
+        :func:`interp.project` call a single process makes, so the files are
+        identical to a single-process run. Only rank 0 writes; every rank
+        returns the same paths.
 
     Returns
     -------
     VisualizeResult
         Files written and ``timings`` with ``mining``, ``projection``,
-        ``drawing`` and ``total`` seconds.
+        ``drawing`` and ``total`` seconds (under torchrun: ``projection`` and
+        ``drawing`` are the busiest rank's, the others wall-clock).
     """
+    from . import dist
     from .data import TensorImages
-    from .gallery import write_gallery
-    from .project import project
 
     if isinstance(data, torch.Tensor):
         data = TensorImages(data)
@@ -137,6 +147,10 @@ def visualize(
             "visualize needs an interp.data dataset (open_images(path, preprocess), ArrayImages, TensorImages) "
             f"or an N x C x H x W tensor, got {type(data).__name__}"
         )
+    spread = dist.active() if distributed is None else bool(distributed)
+    if spread and not dist.active():
+        raise ValueError("distributed=True needs an initialised torch.distributed process group with more than "
+                         "one process: start the script with torchrun (see interp.dist.init_from_env)")
 
     t_start = time.perf_counter()
     methods = list(dict.fromkeys(methods))
@@ -157,7 +171,7 @@ def visualize(
             )
         t0 = time.perf_counter()
         topk = mine(model, data, names, channels=channels, k=k, batch_size=batch_size, device=device,
-                    model_id=model_id, progress=progress, num_workers=num_workers)
+                    model_id=model_id, progress=progress, num_workers=num_workers, distributed=spread)
         timings["mining"] = time.perf_counter() - t0
     else:
         names = list(topk.layers) if layers == "all-conv" else resolve_layers(model, layers)
@@ -166,82 +180,197 @@ def visualize(
         if topk.model_id and model_id == "model":
             model_id = topk.model_id
 
-    result = VisualizeResult(out_dir=out_dir, topk=topk)
-    manifest: dict = {
-        "format": "cnn-internals.gallery/1",
-        "model_id": model_id,
-        "methods": methods,
-        "input_size": list(topk.input_size),
-        "n_images": topk.n_images,
-        "k": topk.k,
-        "layers": [],
-    }
-    written_inputs: dict[int, str] = {}
+    writer = _Writer(out_dir, model_id, topk, names, methods)
+    jobs = [(name, method) for name in names for method in methods]
+    if spread:
+        # Costliest first so that the last jobs handed out are short: deeper
+        # layers run more of the network per unit and on larger crops.
+        depth = {n: (topk.layer(n).number or 0, i) for i, n in enumerate(names)}
+        jobs.sort(key=lambda j: depth[j[0]], reverse=True)
     from tqdm.auto import tqdm
 
-    with eval_mode(model), on_device(model, device) as dev:
-        for name in tqdm(names, desc="projecting + drawing", unit="layer", disable=not progress, leave=False):
-            info = topk.layer(name)
-            indices = topk.image_indices(name)
-            local = {idx: i for i, idx in enumerate(indices)}
-            xs = torch.stack([data.item(idx) for idx in indices]).to(dev)
-            units = [(local[n], c, y, x) for n, c, y, x in topk.units(name)]
-            raws = {idx: data.raw(idx) for idx in indices}
-            layer_entry: dict = {"name": name, "number": info.number, "panels": {}, "channels": []}
-            tiles_by_method = {}
-            for method in methods:
-                t0 = time.perf_counter()
-                proj = project(model, xs, name, units, method=method, batch_size=project_batch_size)
-                timings["projection"] += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                tiles = panel_tiles(topk, name, proj.cpu(), raws)
-                fig = render_panel(tiles, method=method)
-                path = out_dir / f"{slug(model_id)}_{slug(name)}_{method}.png"
-                write_atomic(path, _encode(fig, "png"))
-                if web:
-                    write_atomic(path.with_suffix("." + web), _encode(fig, web))
-                result.panels[(name, method)] = path
-                layer_entry["panels"][method] = path.name
-                tiles_by_method[method] = tiles
-                timings["drawing"] += time.perf_counter() - t0
+    def run_jobs(done) -> dict:
+        """This rank's share of the jobs; ``done(job)`` receives each result."""
+        spent = {"projection": 0.0, "drawing": 0.0}
+        encoded: set[int] = set()  # input images this rank has already encoded
+        loaded: tuple = (None, None)  # (layer, its images): reused by the layer's next method
+        with eval_mode(model), on_device(model, device) as dev, \
+                tqdm(total=len(jobs), desc="projecting + drawing", unit="panel", leave=False,
+                     disable=not progress or (spread and not dist.is_main())) as bar:
+            for j in dist.work_queue(len(jobs)) if spread else range(len(jobs)):
+                name, method = jobs[j]
+                if loaded[0] != name:
+                    loaded = (name, _load_layer(data, topk, name, dev))
+                job = _draw_job(model, data, topk, name, method, loaded=loaded[1],
+                                tiles_too=method == methods[0], encoded=encoded, web=web,
+                                project_batch_size=project_batch_size)
+                spent["projection"] += job.pop("t_project")
+                spent["drawing"] += job.pop("t_draw")
+                done(job)
+                # Jobs handed out so far, over all ranks (rank 0 does only some of them).
+                bar.update(max(0, j + 1 - bar.n))
+        return spent
+
+    if not spread:
+        timings.update(run_jobs(writer.add))  # each job's files are written as it finishes
+        t0 = time.perf_counter()
+        writer.finish()
+        timings["drawing"] += time.perf_counter() - t0
+    else:
+        done_here: list[dict] = []
+        # Rank 0 receives every rank's finished jobs (bytes) and their timings.
+        parts = dist.collect(lambda: (done_here, run_jobs(done_here.append)), dst=0)
+        done_here.clear()
+
+        def write_here() -> dict[str, float]:
+            if not dist.is_main():
+                return {}
             t0 = time.perf_counter()
-            first = tiles_by_method[methods[0]]
-            layer_entry["title"] = first.title
-            layer_entry["tile_size"] = list(first.tile_size)
-            assets = Path("assets") / slug(name)
-            for b, c in enumerate(first.channels):
-                ch = {"channel": c, "tiles": []}
-                for r, e in enumerate(first.entries[b]):
-                    if e.index not in written_inputs:
-                        blob, ext = _tile_bytes(raws[e.index], max_px=None)
-                        rel = Path("assets") / "inputs" / f"{e.index}.{ext}"
-                        write_atomic(out_dir / rel, blob)
-                        written_inputs[e.index] = rel.as_posix()
-                    blob, ext = _tile_bytes(first.crops[b][r])
-                    crop_rel = assets / "crops" / f"c{c}_r{r}.{ext}"
-                    write_atomic(out_dir / crop_rel, blob)
-                    projs = {}
-                    for method in methods:
-                        blob, ext = _tile_bytes(tiles_by_method[method].proj[b][r])
-                        rel = assets / method / f"c{c}_r{r}.{ext}"
-                        write_atomic(out_dir / rel, blob)
-                        projs[method] = rel.as_posix()
-                    ch["tiles"].append({
-                        "rank": r, "index": e.index, "y": e.y, "x": e.x, "value": e.value,
-                        "label": data.describe(e.index), "box": list(first.boxes[b][r]),
-                        "input": written_inputs[e.index], "crop": crop_rel.as_posix(), "proj": projs,
-                    })
-                layer_entry["channels"].append(ch)
-            manifest["layers"].append(layer_entry)
-            timings["drawing"] += time.perf_counter() - t0
+            for jobs_of_rank, _ in parts:
+                for job in jobs_of_rank:
+                    writer.add(job)
+            writer.finish()
+            return {"projection": max(spent["projection"] for _, spent in parts),
+                    "drawing": max(spent["drawing"] for _, spent in parts) + time.perf_counter() - t0}
 
-    t0 = time.perf_counter()
-    result.topk_path = topk.save(out_dir / "topk.json")
-    import json
-
-    write_atomic(out_dir / "gallery.json", json.dumps(manifest, indent=1) + "\n")
-    result.index_path = write_gallery(out_dir)
-    timings["drawing"] += time.perf_counter() - t0
+        # Every rank waits for rank 0's writing and fails with it, so no rank
+        # leaves (and tears the process group down) while files are written.
+        timings.update(dist.collect(write_here)[0])
+        del parts
     timings["total"] = time.perf_counter() - t_start
-    result.timings = timings
-    return result
+    return VisualizeResult(
+        out_dir=out_dir, topk=topk, panels={(n, m): writer.panel_path(n, m) for n in names for m in methods},
+        topk_path=out_dir / "topk.json", index_path=out_dir / "index.html", timings=timings,
+    )
+
+
+def _load_layer(data: IndexedImages, topk: TopK, name: str, dev: torch.device) -> tuple:
+    """Model inputs (on ``dev``), units and display images of the top-k images of ``name``."""
+    indices = topk.image_indices(name)
+    local = {idx: i for i, idx in enumerate(indices)}
+    xs = torch.stack([data.item(idx) for idx in indices]).to(dev)
+    units = [(local[n], c, y, x) for n, c, y, x in topk.units(name)]
+    raws = {idx: data.raw(idx) for idx in indices}
+    return xs, units, raws
+
+
+def _draw_job(model: nn.Module, data: IndexedImages, topk: TopK, name: str, method: str, *, loaded: tuple,
+              tiles_too: bool, encoded: set[int], web: str | None, project_batch_size: int | None) -> dict:
+    """Project one layer's units with one method; return its panel and gallery tiles, encoded.
+
+    The result holds bytes, not files, so that any rank can do the work and
+    rank 0 write it. ``tiles_too`` (the job of the layer's first method) adds
+    what does not depend on the method: crops, the input images not yet in
+    ``encoded``, and the tiles' metadata.
+    """
+    from .project import project
+
+    xs, units, raws = loaded
+    t0 = time.perf_counter()
+    proj = project(model, xs, name, units, method=method, batch_size=project_batch_size)
+    t_project = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tiles = panel_tiles(topk, name, proj.cpu(), raws)
+    fig = render_panel(tiles, method=method)
+    job: dict = {
+        "name": name, "method": method, "channels": list(tiles.channels),
+        "panel": _encode(fig, "png"), "web": (web, _encode(fig, web)) if web else None,
+        "proj": [[_tile_bytes(t) for t in row] for row in tiles.proj],
+    }
+    if tiles_too:
+        job["title"], job["tile_size"], job["inputs"], job["tiles"] = tiles.title, list(tiles.tile_size), {}, []
+        for b in range(len(tiles.channels)):
+            row = []
+            for r, e in enumerate(tiles.entries[b]):
+                if e.index not in encoded:
+                    job["inputs"][e.index] = _tile_bytes(raws[e.index], max_px=None)
+                    encoded.add(e.index)
+                row.append({
+                    "rank": r, "index": e.index, "y": e.y, "x": e.x, "value": e.value,
+                    "label": data.describe(e.index), "box": list(tiles.boxes[b][r]),
+                    "crop": _tile_bytes(tiles.crops[b][r]),
+                })
+            job["tiles"].append(row)
+    job["t_project"], job["t_draw"] = t_project, time.perf_counter() - t0
+    return job
+
+
+class _Writer:
+    """Writes finished jobs into the output folder, then ``topk.json``, ``gallery.json``, ``index.html``."""
+
+    def __init__(self, out_dir: Path, model_id: str, topk: TopK, names: list[str], methods: list[str]):
+        self.out_dir, self.model_id, self.topk = out_dir, model_id, topk
+        self.names, self.methods = names, methods
+        self.inputs: dict[int, str] = {}  # dataset index -> its file, relative to out_dir
+        self.meta: dict[str, dict] = {}  # layer -> title, tile size, tiles (from its first method's job)
+        self.proj: dict[tuple[str, str, int, int], str] = {}  # (layer, method, channel, rank) -> file
+
+    def panel_path(self, name: str, method: str) -> Path:
+        return self.out_dir / f"{slug(self.model_id)}_{slug(name)}_{method}.png"
+
+    def add(self, job: dict) -> None:
+        """Write one job's panel and tiles."""
+        name, method, out = job["name"], job["method"], self.out_dir
+        path = self.panel_path(name, method)
+        write_atomic(path, job["panel"])
+        if job["web"] is not None:
+            fmt, blob = job["web"]
+            write_atomic(path.with_suffix("." + fmt), blob)
+        assets = Path("assets") / slug(name)
+        for b, c in enumerate(job["channels"]):
+            for r, (blob, ext) in enumerate(job["proj"][b]):
+                rel = assets / method / f"c{c}_r{r}.{ext}"
+                write_atomic(out / rel, blob)
+                self.proj[(name, method, c, r)] = rel.as_posix()
+        if "tiles" not in job:
+            return
+        for index, (blob, ext) in job["inputs"].items():
+            if index not in self.inputs:
+                rel = Path("assets") / "inputs" / f"{index}.{ext}"
+                write_atomic(out / rel, blob)
+                self.inputs[index] = rel.as_posix()
+        tiles = []
+        for b, c in enumerate(job["channels"]):
+            row = []
+            for r, t in enumerate(job["tiles"][b]):
+                blob, ext = t["crop"]
+                rel = assets / "crops" / f"c{c}_r{r}.{ext}"
+                write_atomic(out / rel, blob)
+                row.append({**t, "crop": rel.as_posix()})
+            tiles.append(row)
+        self.meta[name] = {"title": job["title"], "tile_size": job["tile_size"], "channels": job["channels"],
+                           "tiles": tiles}
+
+    def finish(self) -> None:
+        """Write ``topk.json``, ``gallery.json`` and ``index.html`` once every job was added."""
+        import json
+
+        from .gallery import write_gallery
+
+        manifest: dict = {
+            "format": "cnn-internals.gallery/1",
+            "model_id": self.model_id,
+            "methods": self.methods,
+            "input_size": list(self.topk.input_size),
+            "n_images": self.topk.n_images,
+            "k": self.topk.k,
+            "layers": [],
+        }
+        for name in self.names:
+            meta = self.meta[name]
+            entry: dict = {"name": name, "number": self.topk.layer(name).number,
+                           "panels": {m: self.panel_path(name, m).name for m in self.methods}, "channels": []}
+            for c, row in zip(meta["channels"], meta["tiles"]):
+                tiles = []
+                for t in row:
+                    tile = {key: t[key] for key in ("rank", "index", "y", "x", "value", "label", "box")}
+                    tile["input"] = self.inputs[t["index"]]
+                    tile["crop"] = t["crop"]
+                    tile["proj"] = {m: self.proj[(name, m, c, t["rank"])] for m in self.methods}
+                    tiles.append(tile)
+                entry["channels"].append({"channel": c, "tiles": tiles})
+            entry["title"], entry["tile_size"] = meta["title"], meta["tile_size"]
+            manifest["layers"].append(entry)
+        self.topk.save(self.out_dir / "topk.json")
+        write_atomic(self.out_dir / "gallery.json", json.dumps(manifest, indent=1) + "\n")
+        write_gallery(self.out_dir)

@@ -82,8 +82,8 @@ def input_mode(model) -> str | None:
     return "RGB"
 
 
-def report(result, stream=None) -> None:
-    """Print where the files are and where the time went."""
+def report(result, stream=None, processes: int = 1) -> None:
+    """Print where the files are and where the time went (over ``processes`` torchrun ranks)."""
     import sys
 
     out = stream or sys.stdout
@@ -95,29 +95,42 @@ def report(result, stream=None) -> None:
     print(f"gallery: {result.index_path}  (open it in a browser; works from file://)", file=out)
     t = result.timings
     print(f"time: mining {t['mining']:.1f} s, projection {t['projection']:.1f} s, "
-          f"drawing {t['drawing']:.1f} s, total {t['total']:.1f} s", file=out)
+          f"drawing {t['drawing']:.1f} s, total {t['total']:.1f} s"
+          + (f" ({processes} processes; projection and drawing: the busiest one's)" if processes > 1 else ""),
+          file=out)
 
 
 def run(args: argparse.Namespace) -> int:
+    from interp import dist
     from interp.data import open_images
     from interp.topk import TopK
     from interp.visualize import visualize
 
     if args.top < 1:
         raise ValueError(f"--top must be at least 1, got {args.top}")
-    model, preprocess, model_id = load_model(args.model, args.weights)
-    if preprocess is None and args.size:
-        import torch
-        from torchvision.transforms import v2 as T
+    device = args.device
+    if dist.launched():
+        # Under torchrun: join the process group; --device cuda becomes this
+        # rank's cuda:LOCAL_RANK. Without --device stay on the CPU, as one
+        # process would (the model loads there).
+        device = dist.init_from_env(device or "cpu")
+    try:
+        model, preprocess, model_id = load_model(args.model, args.weights)
+        if preprocess is None and args.size:
+            import torch
+            from torchvision.transforms import v2 as T
 
-        preprocess = T.Compose([T.ToImage(), T.Resize(args.size, antialias=True), T.CenterCrop(args.size),
-                                T.ToDtype(torch.float32, scale=True)])
-    data = open_images(args.data, preprocess, split=args.split, mode=input_mode(model),
-                       skip_corrupt=args.skip_corrupt, limit=args.limit)
-    topk = TopK.load(args.topk) if args.topk else None
-    methods = [m.strip() for m in args.method.split(",") if m.strip()]
-    result = visualize(model, data, Path(args.out), args.layers, channels=parse_channels(args.channels),
-                       k=args.top, methods=methods, model_id=model_id, batch_size=args.batch_size,
-                       device=args.device, topk=topk, web=args.web, num_workers=args.workers)
-    report(result)
+            preprocess = T.Compose([T.ToImage(), T.Resize(args.size, antialias=True), T.CenterCrop(args.size),
+                                    T.ToDtype(torch.float32, scale=True)])
+        data = open_images(args.data, preprocess, split=args.split, mode=input_mode(model),
+                           skip_corrupt=args.skip_corrupt, limit=args.limit)
+        topk = TopK.load(args.topk) if args.topk else None
+        methods = [m.strip() for m in args.method.split(",") if m.strip()]
+        result = visualize(model, data, Path(args.out), args.layers, channels=parse_channels(args.channels),
+                           k=args.top, methods=methods, model_id=model_id, batch_size=args.batch_size,
+                           device=device, topk=topk, web=args.web, num_workers=args.workers)
+        if dist.is_main():  # one report, not one per rank
+            report(result, processes=dist.world()[1])
+    finally:
+        dist.shutdown()
     return 0
