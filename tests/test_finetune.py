@@ -78,3 +78,48 @@ def test_finetune_verb_on_the_keras_twin(tmp_path, capsys):
         acc = ft.accuracy(tuned(x).argmax(1), y)
     assert acc == pytest.approx(report["head_only_val_top1"], abs=1e-9)
     assert "head-only val top-1" in capsys.readouterr().out
+
+
+def test_full_finetune_has_train_s_checkpoints_log_and_resume(tmp_path, capsys):
+    from interp.cli import main
+
+    if not (DATA_ROOT / "weights" / "keras" / "mobilenet_2_5_224_tf_no_top.h5").is_file():
+        pytest.fail("shared/data/weights/keras/mobilenet_2_5_224_tf_no_top.h5 not found (see MANIFEST.md)", pytrace=False)
+    out = tmp_path / "full"
+    args = ["finetune", "pretrained:mobilenet_v1_025_keras", "--full", "--data", str(DATA_ROOT), "--train-limit", "10",
+            "--val-limit", "10", "--epochs", "2", "--batch-size", "5", "--lr", "1e-3", "--out", str(out), "--no-progress",
+            "--threads", "1"]  # tiny batches: one thread beats two on a shared CPU
+    threads = torch.get_num_threads()
+    try:
+        _full_run(main, args, out, capsys)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _full_run(main, args, out, capsys):
+    assert main(args + ["--stop-after", "1"]) == 0
+    first = capsys.readouterr().out
+    assert "epoch 1/2" in first and "stopped after epoch 1/2" in first
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "log.json"]  # not complete: no export yet
+    assert main(args + ["--resume"]) == 0
+    again = capsys.readouterr().out
+    assert "resuming from" in again and "1/2 epochs done" in again and "epoch 2/2" in again
+    log = json.loads((out / "log.json").read_text())
+    assert [e["epoch"] for e in log["epochs"]] == [1, 2] and log["extra"]["mode"] == "full"
+    assert log["recipe"]["lr"] == 1e-3 and log["recipe"]["scheduler"] == "cosine" and log["global_batch"] == 5
+    report = json.loads((out / "finetune.json").read_text())
+    assert report["mode"] == "full" and report["epochs"] == 2 and report["train_images"] == 10
+    assert report["full_val_top1"] == log["epochs"][-1]["val_top1"]
+    assert not list(out.glob(".*.tmp"))
+    # The written model (new 10-way head, every weight trained) reproduces the reported val top-1.
+    tuned, preprocess = adapters.load("pretrained:mobilenet_v1_025_keras", weights=str(out / report["weights_file"]))
+    base, _ = adapters.load("pretrained:mobilenet_v1_025_keras")
+    assert not torch.equal(next(tuned.parameters()), next(base.parameters()))  # the first conv trained too
+    val = ft.imagenette(DATA_ROOT, "val", preprocess, 10)
+    x = torch.stack([val[i][0] for i in range(10)])
+    with torch.no_grad():
+        acc = ft.accuracy(tuned(x).argmax(1), torch.tensor(val.targets))
+    assert acc == pytest.approx(report["full_val_top1"], abs=1e-6)  # float32 mean vs counted fraction
+    # Flags of --full alone are refused in the head-only mode, with the fix in the message.
+    assert main(["finetune", "pretrained:mobilenet_v1_025_keras", "--resume", "--amp"]) == 2
+    assert "--resume, --amp: only with --full fine-tuning; add --full or drop them" in capsys.readouterr().err
