@@ -15,8 +15,10 @@ Output folder ``OUT``:
     Same content, for the epoch with the best validation top-1 so far.
 ``OUT/log.json``
     The recipe, the seed, the data pipeline (``amp``, ``channels_last``,
-    device-side batches), and one record per epoch (train loss/top-1, val
-    loss/top-1/top-5, learning rate, seconds, images/s).
+    device-side batches), the processes (``world_size``, ``global_batch``,
+    ``sync_bn``), and one record per epoch (train loss/top-1, val
+    loss/top-1/top-5, learning rate, seconds, images/s, the world size that
+    trained it).
 
 Speed options of :func:`fit` (all also run on the CPU, so CI covers them):
 

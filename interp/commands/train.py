@@ -66,7 +66,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--data", default=None,
                    help="data root holding MNIST/raw/ or imagenette2-160/ (default ../shared/data or $CNN_INTERNALS_DATA)")
     p.add_argument("--epochs", type=int, default=None, help="override the recipe's number of epochs")
-    p.add_argument("--batch-size", type=int, default=None, help="override the recipe's batch size")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="override the recipe's batch size (the global batch under torchrun, split over the processes)")
     p.add_argument("--lr", type=float, default=None, help="override the recipe's learning rate")
     p.add_argument("--limit", type=int, default=None, help="use only N training and N validation images (smoke runs)")
     p.add_argument("--image-size", type=int, default=None,
