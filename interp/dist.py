@@ -18,7 +18,8 @@ import torch.distributed as dist
 
 __all__ = [
     "init_from_env", "world", "is_main", "shard", "shard_blocks", "gather", "gather_to", "collect", "work_queue",
-    "broadcast", "barrier", "launched", "active", "shutdown", "PeerError", "told_everyone",
+    "broadcast", "barrier", "launched", "active", "shutdown", "PeerError", "told_everyone", "sync_module",
+    "check_same_module",
 ]
 
 T = TypeVar("T")
@@ -151,8 +152,64 @@ class PeerError(RuntimeError):
 
 
 def told_everyone(exc: BaseException) -> bool:
-    """True for an error every rank raised (via :func:`collect`): rank 0 alone need report it."""
+    """True for an error every rank raised together (:func:`collect`, :func:`check_same_module`).
+
+    Rank 0 alone need report such an error.
+    """
     return bool(getattr(exc, "_cnn_internals_collective", False))
+
+
+def _module_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [t for _, t in sorted({**dict(module.named_parameters()), **dict(module.named_buffers())}.items())]
+
+
+def sync_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank's ``module`` the parameters and buffers of rank ``src`` (no-op alone).
+
+    For models built without saved weights: every process draws its own
+    random initialisation (PyTorch seeds each process differently), and the
+    ranks must run one model for their results to combine.
+    """
+    if not active():
+        return
+    # NCCL moves only GPU tensors: CPU ones go through this rank's GPU.
+    via = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    with torch.no_grad():
+        for t in _module_tensors(module):
+            if (via is None or t.device == via) and t.is_contiguous():
+                dist.broadcast(t.data, src)
+            else:
+                buf = t.detach().to(via or t.device).contiguous()
+                dist.broadcast(buf, src)
+                t.data.copy_(buf)
+
+
+def _fingerprint(module: torch.nn.Module) -> list[float]:
+    """Two float64 sums per tensor (plain and position-weighted): equal for equal tensors."""
+    out = []
+    with torch.no_grad():
+        for t in _module_tensors(module):
+            x = t.detach().flatten()
+            x = (x.cpu() if x.device.type == "mps" else x).double()  # MPS has no float64
+            w = torch.linspace(1.0, 2.0, x.numel(), dtype=x.dtype, device=x.device)
+            out += [float(x.sum()), float((x * w).sum())]
+    return out
+
+
+def check_same_module(module: torch.nn.Module, what: str = "model") -> None:
+    """Raise the same error on every rank if the ranks' ``module`` weights differ (no-op alone)."""
+    if not active():
+        return
+    prints = gather(_fingerprint(module))
+    differ = [r for r, fp in enumerate(prints) if fp != prints[0]]
+    if differ:
+        err = ValueError(
+            f"rank(s) {', '.join(map(str, differ))} hold a {what} with other weights than rank 0 (a random "
+            "initialisation differs per process); load the same weights on every rank (--weights or a pretrained "
+            "model), or call interp.dist.sync_module(model) after building it"
+        )
+        err._cnn_internals_collective = True
+        raise err
 
 
 def collect(fn: Callable[[], T], dst: int | None = None) -> list[T] | None:

@@ -382,6 +382,7 @@ def mine(
             raise ValueError(f"distributed mining splits the data by position, so it needs a length; "
                              f"{type(data).__name__} has none (pass a Dataset or a tensor)")
         positions = dist.shard_blocks(total, batch_size)
+        dist.check_same_module(model)  # results of different models would merge silently
 
     def mine_here() -> dict:
         """One pass over this process's images; returns what the merge needs."""

@@ -13,6 +13,13 @@ demo`` run. For a model and an :class:`interp.data.IndexedImages` it
 
 It returns the files written and the time spent mining / projecting /
 drawing, so a caller can see where the time goes.
+
+Under ``torchrun`` (a ``torch.distributed`` process group) the ranks share
+the work: mining by images, then projecting and drawing by (layer, method)
+jobs; rank 0 writes every file. A job is the very :func:`interp.project`
+call one process makes (splitting a layer's units would change the crop
+size :func:`interp.project` picks for them, and with it the last bits of the
+gradients), so the output files are byte-identical to a single-process run.
 """
 from __future__ import annotations
 
@@ -179,6 +186,8 @@ def visualize(
             topk.layer(n)  # clear error for a layer the file does not hold
         if topk.model_id and model_id == "model":
             model_id = topk.model_id
+        if spread:
+            dist.check_same_module(model)  # (mine checks it otherwise)
 
     writer = _Writer(out_dir, model_id, topk, names, methods)
     jobs = [(name, method) for name in names for method in methods]

@@ -59,9 +59,9 @@ class IntNet(nn.Module):
         self.conv2 = nn.Conv2d(5, 4, 3, stride=2)
         self.head = nn.Linear(4, 2)
         with torch.no_grad():
-            for conv in (self.conv1, self.conv2):
-                conv.weight.copy_(torch.randint(-1, 2, conv.weight.shape, generator=g).float())
-                conv.bias.copy_(torch.randint(-1, 2, conv.bias.shape, generator=g).float())
+            for layer in (self.conv1, self.conv2, self.head):  # the same weights in every process
+                layer.weight.copy_(torch.randint(-1, 2, layer.weight.shape, generator=g).float())
+                layer.bias.copy_(torch.randint(-1, 2, layer.bias.shape, generator=g).float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
@@ -137,6 +137,15 @@ def _worker(rank: int, port: int, out: str, mnist: str) -> None:
         model = IntNet().train()
         interp.mine(model, _tensor_case(), LAYERS, k=2, batch_size=2, progress=False)
         got["hygiene"] = [model.training, model.conv1.training, len(model.conv1._forward_hooks)]
+        torch.manual_seed(rank)  # a random initialisation per rank, as without saved weights
+        own = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU())
+        try:
+            interp.mine(own, _images(6, seed=6), "0", k=2, batch_size=2, progress=False)
+        except ValueError as exc:
+            got["differ"] = [str(exc), dist.told_everyone(exc)]
+        dist.sync_module(own)  # now every rank holds rank 0's weights
+        got["synced"] = [own[0].weight.flatten().tolist(),
+                         interp.mine(own, _images(6, seed=6), "0", k=2, batch_size=2, progress=False).to_dict()]
         got["queue"] = sorted(dist.work_queue(7))
         got["queue-again"] = sorted(dist.work_queue(3))  # a second queue starts from 0 again
         try:  # item 5 is in rank 1's shard (batches of 3: rank 0 mines 0-2, rank 1 3-6)
@@ -227,6 +236,18 @@ def test_ties_across_the_shard_boundary_keep_the_lower_index_first(ranks):
 
 def test_the_model_is_left_as_it_was(ranks):
     assert ranks[0]["hygiene"] == ranks[1]["hygiene"] == [True, True, 0]
+
+
+def test_ranks_with_different_weights_are_refused_until_synced(ranks):
+    for r in range(2):
+        message, told = ranks[r]["differ"]
+        assert "rank(s) 1 hold a model with other weights than rank 0" in message and "sync_module" in message
+        assert told
+    torch.manual_seed(0)
+    rank0 = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU())  # what rank 0 built
+    assert ranks[0]["synced"][0] == ranks[1]["synced"][0] == rank0[0].weight.flatten().tolist()
+    alone = interp.mine(rank0, _images(6, seed=6), "0", k=2, batch_size=2, progress=False).to_dict()
+    assert ranks[0]["synced"][1] == ranks[1]["synced"][1] == json.loads(json.dumps(alone))
 
 
 def test_the_cli_reports_an_error_of_every_rank_once(ranks):

@@ -116,6 +116,9 @@ def run(args: argparse.Namespace) -> int:
         device = dist.init_from_env(device or "cpu")
     try:
         model, preprocess, model_id = load_model(args.model, args.weights)
+        # Without --weights each process would draw its own random weights:
+        # all ranks take rank 0's, so they run one model.
+        dist.sync_module(model)
         if preprocess is None and args.size:
             import torch
             from torchvision.transforms import v2 as T
