@@ -12,7 +12,8 @@ and
    matched channels: channel numbering is arbitrary per network, so rows are
    not expected to correspond;
 3. computes the linear CKA (:mod:`interp.cka`) between every layer of A and
-   every layer of B over all the images, on each layer's activations
+   every layer of B over all the images (the panel layers, or a separate,
+   usually longer, list of CKA layers), on each layer's activations
    average-pooled to at most ``grid x grid`` positions (full maps of early
    layers are too large to hold for hundreds of images), and draws it as a
    heatmap (``DIR/cka.png``);
@@ -46,10 +47,12 @@ class CompareResult:
     """What :func:`compare` wrote and computed."""
 
     out_dir: Path
-    layers_a: list[str]
+    layers_a: list[str]  # panel layers
     layers_b: list[str]
-    cka: torch.Tensor  # len(layers_a) x len(layers_b), float64
+    cka: torch.Tensor  # len(cka_layers_a) x len(cka_layers_b), float64
     n_images: int
+    cka_layers_a: list[str] = field(default_factory=list)  # rows of ``cka``
+    cka_layers_b: list[str] = field(default_factory=list)  # columns of ``cka``
     panels: dict[tuple[str, str, str], Path] = field(default_factory=dict)  # (layer A, layer B, method) -> file
     heatmap_path: Path | None = None
     json_path: Path | None = None
@@ -151,15 +154,21 @@ def _heatmap_png(cka: torch.Tensor, layers_a: list[str], layers_b: list[str], id
     import matplotlib.pyplot as plt
 
     m = cka.numpy()
-    fig, ax = plt.subplots(figsize=(max(3.6, 1.6 + 0.9 * len(layers_b)), 1.6 + 0.7 * len(layers_a)), dpi=120)
+    # Up to 12 x 12 cells each cell carries its number; larger maps (e.g. every conv of
+    # two MobileNets) are drawn denser, without numbers, so that they stay legible.
+    dense = max(len(layers_a), len(layers_b)) > 12
+    cell_w, cell_h = (0.32, 0.3) if dense else (0.9, 0.7)
+    fig, ax = plt.subplots(figsize=(max(3.6, 2.4 + cell_w * len(layers_b)), 2.0 + cell_h * len(layers_a)), dpi=100 if dense else 120)
     im = ax.imshow(m, vmin=0, vmax=1, cmap="magma")
-    ax.set_xticks(range(len(layers_b)), layers_b, rotation=45, ha="right")
-    ax.set_yticks(range(len(layers_a)), layers_a)
+    tick = 7 if dense else None
+    ax.set_xticks(range(len(layers_b)), layers_b, rotation=90 if dense else 45, ha="center" if dense else "right",
+                  fontsize=tick)
+    ax.set_yticks(range(len(layers_a)), layers_a, fontsize=tick)
     # Model ids can be long ("pretrained-mobilenet_v1_025_keras"): in the title, not the narrow axis labels.
     ax.set_xlabel("B layers")
     ax.set_ylabel("A layers")
     ax.set_title(f"linear CKA, {n} images\nA: {id_a}\nB: {id_b}", fontsize=9)
-    for i in range(m.shape[0]):
+    for i in range(m.shape[0] if not dense else 0):
         for j in range(m.shape[1]):
             ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=8,
                     color="black" if m[i, j] > 0.6 else "white")
@@ -189,6 +198,8 @@ def compare(
     batch_size: int = 64,
     device: str | torch.device | None = None,
     progress: bool = True,
+    cka_layers_a: str | Sequence[str] | None = None,
+    cka_layers_b: str | Sequence[str] | None = None,
 ) -> CompareResult:
     """Side-by-side panels and a linear-CKA heatmap for two models on the same images.
 
@@ -210,6 +221,11 @@ def compare(
         As for :func:`interp.visualize`.
     grid:
         CKA pooling grid (see the module docstring; ``0`` = full maps).
+    cka_layers_a, cka_layers_b:
+        Layers for the CKA heatmap when they should differ from the panel
+        layers (e.g. ``"all-conv"``: CKA is cheap, panels are not).
+        ``cka_layers_a=None``: the panel layers; ``cka_layers_b=None``: the
+        same names as ``cka_layers_a`` when that is given, else B's panel layers.
 
     Returns
     -------
@@ -230,6 +246,11 @@ def compare(
             raise ValueError(f"the two datasets differ at item {i} ({pa} vs {pb}); open the same folder for both")
     names_a = resolve_layers(model_a, layers_a)
     names_b = resolve_layers(model_b, layers_b if layers_b is not None else layers_a)
+    cka_a = names_a if cka_layers_a is None else resolve_layers(model_a, cka_layers_a)
+    if cka_layers_b is not None:
+        cka_b = resolve_layers(model_b, cka_layers_b)
+    else:
+        cka_b = names_b if cka_layers_a is None else resolve_layers(model_b, cka_layers_a)
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
@@ -240,9 +261,9 @@ def compare(
     timings["visualize"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    grams_a, idx_a = layer_grams(model_a, data_a, names_a, grid=grid, batch_size=batch_size, device=device,
+    grams_a, idx_a = layer_grams(model_a, data_a, cka_a, grid=grid, batch_size=batch_size, device=device,
                                  progress=progress, desc=f"CKA features {id_a}")
-    grams_b, idx_b = layer_grams(model_b, data_b, names_b, grid=grid, batch_size=batch_size, device=device,
+    grams_b, idx_b = layer_grams(model_b, data_b, cka_b, grid=grid, batch_size=batch_size, device=device,
                                  progress=progress, desc=f"CKA features {id_b}")
     if idx_a != idx_b:
         # Unreadable images skipped on one side only: keep the images both saw.
@@ -256,7 +277,8 @@ def compare(
     timings["cka"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    result = CompareResult(out_dir=out_dir, layers_a=names_a, layers_b=names_b, cka=cka, n_images=len(idx_a))
+    result = CompareResult(out_dir=out_dir, layers_a=names_a, layers_b=names_b, cka=cka, n_images=len(idx_a),
+                           cka_layers_a=cka_a, cka_layers_b=cka_b)
     for la, lb in zip(names_a, names_b):
         for method in methods:
             fig = side_by_side(vis_a.panels[(la, method)], vis_b.panels[(lb, method)],
@@ -266,13 +288,13 @@ def compare(
             path = out_dir / f"compare_{slug(la)}_vs_{slug(lb)}_{method}.png"
             write_atomic(path, _encode(fig, "png"))
             result.panels[(la, lb, method)] = path
-    result.heatmap_path = write_atomic(out_dir / "cka.png", _heatmap_png(cka, names_a, names_b, id_a, id_b, len(idx_a)))
+    result.heatmap_path = write_atomic(out_dir / "cka.png", _heatmap_png(cka, cka_a, cka_b, id_a, id_b, len(idx_a)))
     summary = {
         "format": "cnn-internals.compare/1",
         "a": {"model_id": id_a, "layers": names_a, "gallery": str((out_dir / f"a-{slug(id_a)}" / "index.html").relative_to(out_dir))},
         "b": {"model_id": id_b, "layers": names_b, "gallery": str((out_dir / f"b-{slug(id_b)}" / "index.html").relative_to(out_dir))},
         "n_images": len(idx_a),
-        "cka": {"kind": "linear", "pool_grid": grid, "rows": "a.layers", "cols": "b.layers",
+        "cka": {"kind": "linear", "pool_grid": grid, "rows": cka_a, "cols": cka_b,
                 "values": [[round(float(v), 6) for v in row] for row in cka]},
         "channels": "same channel indices on both sides (not matched)",
         "panels": [{"a": la, "b": lb, "method": m, "file": p.name} for (la, lb, m), p in result.panels.items()],

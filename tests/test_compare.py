@@ -135,3 +135,30 @@ def test_compare_verb_end_to_end(tmp_path, capsys):
     rc = main(["compare", spec, f"{tmp_path / 'm.py'}:other", "--data", str(tmp_path / "img"),
                "--layers", "conv1,conv3", "--out", str(tmp_path / "out2")])
     assert rc == 2 and "conv3" in capsys.readouterr().err
+
+
+def test_cka_layers_can_differ_from_the_panel_layers(tmp_path, capsys):
+    # Panels for one layer only, the heatmap over every conv of both models.
+    from PIL import Image
+
+    from interp.cli import main
+
+    (tmp_path / "m.py").write_text(MODEL_FILE)
+    rng = np.random.default_rng(1)
+    (tmp_path / "img").mkdir()
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(tmp_path / "img" / f"{i}.png")
+    out = tmp_path / "out"
+    a, b = f"{tmp_path / 'm.py'}:small", f"{tmp_path / 'm.py'}:other"
+    rc = main(["compare", a, b, "--data", str(tmp_path / "img"), "--layers", "conv1", "--cka-layers", "all-conv",
+               "--top", "2", "--channels", "0", "--out", str(out)])
+    assert rc == 0
+    summary = json.loads((out / "compare.json").read_text())
+    assert summary["a"]["layers"] == ["0"] and summary["b"]["layers"] == ["0"]
+    assert summary["cka"]["rows"] == ["0", "2", "4"] and summary["cka"]["cols"] == ["0", "2"]
+    values = np.array(summary["cka"]["values"])
+    assert values.shape == (3, 2)
+    # "other" re-seeds and builds the same first two convs: its layers equal small's.
+    np.testing.assert_allclose(values[:2, :2].diagonal(), 1.0, atol=1e-6)
+    assert [p["file"] for p in summary["panels"]] == ["compare_0_vs_0_guided.png"]
+    assert "linear CKA over 6 images" in capsys.readouterr().out

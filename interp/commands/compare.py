@@ -26,6 +26,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", default="conv2,conv5",
                    help="layers of A (names, convN, comma-separated, or all-conv; default conv2,conv5)")
     p.add_argument("--layers-b", default=None, help="layers of B if they differ (default: the same names as A)")
+    p.add_argument("--cka-layers", default=None,
+                   help="layers of A for the CKA heatmap, e.g. all-conv (default: the panel layers, --layers)")
+    p.add_argument("--cka-layers-b", default=None,
+                   help="layers of B for the CKA heatmap (default: --cka-layers names if given, else B's panel layers)")
     p.add_argument("--method", default="guided", help="guided, deconvnet or gradient; several comma-separated")
     p.add_argument("--channels", default=None, help="channels per layer, e.g. 0-5 (default: the first 6)")
     p.add_argument("--top", type=int, default=9, help="images per channel (default 9)")
@@ -62,17 +66,18 @@ def run(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     result = compare(model_a, data_a, model_b, data_b, Path(args.out), args.layers, args.layers_b,
                      id_a=id_a, id_b=id_b, methods=methods, channels=parse_channels(args.channels), k=args.top,
-                     grid=args.grid, batch_size=args.batch_size, device=args.device)
+                     grid=args.grid, batch_size=args.batch_size, device=args.device,
+                     cka_layers_a=args.cka_layers, cka_layers_b=args.cka_layers_b)
     print(f"wrote {len(result.panels)} side-by-side panel(s) to {result.out_dir}/")
     for p in result.panels.values():
         print(f"  {p}")
     print(f"CKA heatmap: {result.heatmap_path}")
     print(f"numbers:     {result.json_path}")
-    width = max(len(n) for n in result.layers_a)
-    col = max([8] + [len(n) for n in result.layers_b])
+    width = max(len(n) for n in result.cka_layers_a)
+    col = max([8] + [len(n) for n in result.cka_layers_b])
     print(f"linear CKA over {result.n_images} images (rows A = {id_a}, columns B = {id_b}):")
-    print(" " * (width + 2) + "  ".join(f"{n:>{col}}" for n in result.layers_b))
-    for name, row in zip(result.layers_a, result.cka.tolist()):
+    print(" " * (width + 2) + "  ".join(f"{n:>{col}}" for n in result.cka_layers_b))
+    for name, row in zip(result.cka_layers_a, result.cka.tolist()):
         print(f"{name:>{width}}  " + "  ".join(f"{v:{col}.3f}" for v in row))
     t = result.timings
     print(f"time: visualize {t['visualize']:.1f} s, CKA {t['cka']:.1f} s, drawing {t['drawing']:.1f} s, total {t['total']:.1f} s")
