@@ -175,7 +175,8 @@ def _heatmap_png(cka: torch.Tensor, layers_a: list[str], layers_b: list[str], id
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    # bbox "tight": the three-line title must not be cut off at the top of a wide map.
+    fig.savefig(buf, format="png", bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
     return buf.getvalue()
 
