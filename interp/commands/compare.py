@@ -3,8 +3,10 @@
 Mines both models on the same images (each with its own preprocessing), writes
 side-by-side panels per layer (A left, B right; the same channel indices on
 both sides, not matched channels), a layer-by-layer linear CKA heatmap
-``DIR/cka.png``, ``DIR/compare.json`` with the numbers, and each model's own
-gallery under ``DIR/a-<A>/`` and ``DIR/b-<B>/``.
+``DIR/cka.png`` (over the panel layers, or over ``--cka-layers``, e.g.
+``all-conv``: CKA costs one forward pass, panels cost mining and projection),
+``DIR/compare.json`` with the numbers, and each model's own gallery under
+``DIR/a-<A>/`` and ``DIR/b-<B>/``. ``--offline`` forbids weight downloads.
 """
 from __future__ import annotations
 
