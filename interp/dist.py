@@ -10,7 +10,9 @@ otherwise.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import uuid
 from typing import Any, Callable, Iterator, TypeVar
 
 import torch
@@ -184,16 +186,15 @@ def sync_module(module: torch.nn.Module, src: int = 0) -> None:
                 t.data.copy_(buf)
 
 
-def _fingerprint(module: torch.nn.Module) -> list[float]:
-    """Two float64 sums per tensor (plain and position-weighted): equal for equal tensors."""
-    out = []
+def _fingerprint(module: torch.nn.Module) -> str:
+    """SHA-256 of every parameter's and buffer's bytes, in name order: equal exactly when the tensors are."""
+    digest = hashlib.sha256()
     with torch.no_grad():
         for t in _module_tensors(module):
-            x = t.detach().flatten()
-            x = (x.cpu() if x.device.type == "mps" else x).double()  # MPS has no float64
-            w = torch.linspace(1.0, 2.0, x.numel(), dtype=x.dtype, device=x.device)
-            out += [float(x.sum()), float((x * w).sum())]
-    return out
+            digest.update(str((t.dtype, tuple(t.shape))).encode())
+            # Bytes, not values: NaN equals NaN, and any dtype (bfloat16 too) works.
+            digest.update(t.detach().reshape(-1).cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def check_same_module(module: torch.nn.Module, what: str = "model") -> None:
@@ -260,23 +261,20 @@ def collect(fn: Callable[[], T], dst: int | None = None) -> list[T] | None:
     return values
 
 
-_QUEUES = [0]  # how many work queues this process has opened (the same count on every rank)
-
-
 def work_queue(n: int) -> Iterator[int]:
     """Hand out ``range(n)`` to the ranks, each index to exactly one rank, first come first served.
 
-    Every rank must call it (the same number of times, for the same ``n``).
+    A collective: every rank calls it, with the same ``n``.
     Ranks take the next index as they finish one (an atomic counter in the
     process group's key-value store), so a rank that drew cheap items takes
     more of them; put the costliest items first. Alone: ``0, 1, ..., n-1``.
     Falls back to round-robin when the store cannot be reached.
     """
-    # Counted when called, not when first iterated, so that every rank names
-    # this queue's counter alike even if one of them never draws from it.
-    _QUEUES[0] += 1
     if not active():
         return iter(range(n))
+    # A fresh counter name from rank 0: torchrun's store outlives restarted
+    # workers, whose counters would otherwise start where the last ones ended.
+    key = broadcast(f"cnn-internals/queue/{uuid.uuid4().hex}" if is_main() else None)
     try:
         store = dist.distributed_c10d._get_default_store()
     except Exception:  # noqa: BLE001 - a private accessor: fall back to a fixed share
@@ -284,7 +282,7 @@ def work_queue(n: int) -> Iterator[int]:
     if store is None:
         rank, size = world()
         return iter(range(rank, n, size))
-    return _draw(store, f"cnn-internals/queue/{_QUEUES[0]}", n)
+    return _draw(store, key, n)
 
 
 def _draw(store: Any, key: str, n: int) -> Iterator[int]:

@@ -235,6 +235,9 @@ def visualize(
             if not dist.is_main():
                 return {}
             t0 = time.perf_counter()
+            got = sorted((job["name"], job["method"]) for jobs_of_rank, _ in parts for job in jobs_of_rank)
+            if got != sorted(jobs):  # each job exactly once, or the gallery would be wrong
+                raise RuntimeError(f"internal error: the ranks returned {len(got)} panel jobs for {len(jobs)}")
             for jobs_of_rank, _ in parts:
                 for job in jobs_of_rank:
                     writer.add(job)
