@@ -4,6 +4,12 @@ Mines the top-k images of the chosen channels of every chosen layer in one pass
 over the data, projects those units to pixel space, and writes
 ``DIR/<model>_<layer>_<method>.png`` per layer, ``DIR/topk.json`` and
 ``DIR/index.html``.
+
+Several processes share the work when started by torchrun, e.g.
+``torchrun --nproc-per-node 2 -m interp.cli visualize MODEL --data PATH``
+(with ``--device cuda`` each process drives GPU LOCAL_RANK): they split the
+images when mining and the (layer, method) panels when projecting; rank 0
+writes the same files a single process would.
 """
 from __future__ import annotations
 
