@@ -363,11 +363,19 @@ def test_cli_offline_flag_missing_file_is_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_offline_flag_sets_the_environment_variable(monkeypatch):
+@pytest.mark.parametrize("argv", [
+    ["compare", "a", "b", "--data", "d"],
+    ["layers", "m"],
+    ["rf", "m", "--layers", "conv1"],
+    ["visualize", "m", "--data", "d"],
+    ["finetune", "m", "--data", "d"],
+])
+def test_offline_flag_sets_the_environment_variable(monkeypatch, argv):
+    # Every command that loads a model takes the flag.
     from interp.cli import build_parser
 
     monkeypatch.setenv("CNN_INTERNALS_OFFLINE", "0")  # restored after the test
-    args = build_parser().parse_args(["compare", "a", "b", "--data", "d"])
+    args = build_parser().parse_args(argv)
     assert args.offline is False and not hub.offline_mode()
-    args = build_parser().parse_args(["compare", "a", "b", "--data", "d", "--offline"])
+    args = build_parser().parse_args(argv + ["--offline"])
     assert args.offline is True and hub.offline_mode()

@@ -29,7 +29,7 @@ import json
 import time
 from pathlib import Path
 
-from ._models import MODEL_HELP, load_model
+from ._models import MODEL_HELP, add_offline_flag, load_model
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -67,6 +67,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out", default=None, help="output folder (default out/finetune/MODEL)")
+    add_offline_flag(p)
     p.set_defaults(func=run)
 
 

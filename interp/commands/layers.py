@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ._models import MODEL_HELP, load_model
+from ._models import MODEL_HELP, add_offline_flag, load_model
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -14,6 +14,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--conv", action="store_true", help="only Conv2d layers, in forward order")
     p.add_argument("--list", action="store_true", help="list the built-in model names instead")
     p.add_argument("--json", action="store_true", help="print JSON")
+    add_offline_flag(p)
     p.set_defaults(func=run)
 
 

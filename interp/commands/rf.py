@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ._models import MODEL_HELP, load_model
+from ._models import MODEL_HELP, add_offline_flag, load_model
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -15,6 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="input size H [W] (default 224, or the adapter's own size)")
     p.add_argument("--layers", help="comma-separated layer names (default: all with a feature map)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    add_offline_flag(p)
     p.set_defaults(func=run)
 
 

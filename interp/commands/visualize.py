@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._models import MODEL_HELP, load_model
+from ._models import MODEL_HELP, add_offline_flag, load_model
 
 
 def parse_channels(text: str | None) -> list[int] | None:
@@ -72,6 +72,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--web", choices=["webp", "jpg"], default=None, help="also write each panel in this format")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
     add_common(p)
+    add_offline_flag(p)
     p.set_defaults(func=run)
 
 
