@@ -58,3 +58,21 @@ def test_convN_alias_is_nth_conv_in_forward_order():
     assert convs[:8] == ["conv1", "layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1", "layer1.1.conv2",
                          "layer2.0.conv1", "layer2.0.conv2", "layer2.0.downsample.0"]
     assert interp.resolve_layer(model, "conv8").name == "layer2.0.downsample.0"
+
+
+def test_cli_random_init_is_seeded_and_leaves_the_global_rng_alone():
+    # Two runs of a command on a model without weights must draw the same
+    # weights (and torchrun ranks too), without touching the caller's RNG.
+    import torch
+
+    from interp.commands._models import load_model
+
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a, _, _ = load_model("torchvision:resnet18")
+    assert torch.equal(torch.rand(3), expected_next)
+    b, _, _ = load_model("torchvision:resnet18")
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert float(sa["conv1.weight"].std()) > 0.01  # really initialised, not zeros

@@ -69,7 +69,19 @@ def _from_file(spec: str) -> tuple[torch.nn.Module, Callable | None]:
 
 
 def load_model(spec: str, weights: str | None = None) -> tuple[torch.nn.Module, Callable | None, str]:
-    """Return ``(model, preprocess, model_id)`` for a CLI model spec."""
+    """Return ``(model, preprocess, model_id)`` for a CLI model spec.
+
+    The model is built under a fixed seed (0) with the global RNG state
+    restored afterwards, so a model without weights has the same random
+    initialisation in every run and in every torchrun process: two runs of a
+    command give the same files.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return _load_model(spec, weights)
+
+
+def _load_model(spec: str, weights: str | None) -> tuple[torch.nn.Module, Callable | None, str]:
     if ".py:" in spec and not spec.startswith(("torchvision:", "timm:")):
         model, preprocess = _from_file(spec)
         if weights:
