@@ -13,13 +13,14 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
+from contextlib import contextmanager
 from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
 
 __all__ = [
-    "init_from_env", "world", "is_main", "shard", "shard_blocks", "gather", "gather_to", "collect", "work_queue",
+    "init_from_env", "process_group", "world", "is_main", "shard", "shard_blocks", "gather", "gather_to", "collect", "work_queue",
     "broadcast", "barrier", "launched", "active", "shutdown", "PeerError", "told_everyone", "sync_module",
     "check_same_module",
 ]
@@ -65,6 +66,19 @@ def init_from_env(device: str | torch.device | None = None) -> torch.device | No
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if want.type == "cuda" else "gloo")
     return want
+
+
+@contextmanager
+def process_group(device: str | torch.device | None = None) -> Iterator[torch.device | None]:
+    """:func:`init_from_env` for the body of a ``with``, then :func:`shutdown` (also on error).
+
+    Yields the device this process should use (see :func:`init_from_env`).
+    """
+    dev = init_from_env(device)
+    try:
+        yield dev
+    finally:
+        shutdown()
 
 
 def shutdown() -> None:

@@ -16,20 +16,19 @@ import contextlib
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 import interp
 from interp import dist
+
+from _ranks import free_port, loopback_env, spawn_ranks
 from interp.data import ArrayImages
 from interp.topk import TopK
 
@@ -37,15 +36,6 @@ SPAWN_TIMEOUT_S = 180  # a hung collective fails the test instead of hanging it
 LAYERS = ["conv1", "conv2"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _loopback_env() -> dict[str, str]:
-    """Keep Gloo on the loopback interface (it would otherwise pick the host's)."""
-    return {"GLOO_SOCKET_IFNAME": "lo"} if Path("/sys/class/net/lo").exists() else {}
 
 
 class IntNet(nn.Module):
@@ -128,7 +118,7 @@ def _mine(name: str, **extra) -> TopK:
 
 def _worker(rank: int, port: int, out: str, mnist: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **_loopback_env())
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **loopback_env())
     torch.set_num_threads(1)
     dist.init_from_env("cpu")
     try:
@@ -170,13 +160,7 @@ def _worker(rank: int, port: int, out: str, mnist: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory, data_root) -> list[dict]:
     out = tmp_path_factory.mktemp("dist_mine")
-    ctx = mp.spawn(_worker, args=(_free_port(), str(out), str(data_root / "MNIST")), nprocs=2, join=False)
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not ctx.join(timeout=2):  # raises if a rank failed
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"the two ranks did not finish in {SPAWN_TIMEOUT_S} s (a collective hung?)")
+    spawn_ranks(_worker, (free_port(), str(out), str(data_root / "MNIST")), SPAWN_TIMEOUT_S, what="ranks")
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
@@ -297,9 +281,9 @@ def test_torchrun_visualize_writes_the_single_process_files(data_root, tmp_path)
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(_cli_args(data_root, one)) == 0
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", **_loopback_env())
+    env.update(OMP_NUM_THREADS="1", **loopback_env())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "interp.cli", *_cli_args(data_root, two)]
+           "--master-port", str(free_port()), "-m", "interp.cli", *_cli_args(data_root, two)]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=SPAWN_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("top-k:") == 1 and "(2 processes" in proc.stdout  # rank 0 reports, once

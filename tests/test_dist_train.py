@@ -13,15 +13,12 @@ import math
 import multiprocessing
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -31,6 +28,8 @@ from adapters import gpu_data as G
 from adapters.imagenette import fallback_stats
 from adapters.training import Recipe, TrainSpec, fit, rank_blocks
 from interp import dist
+
+from _ranks import free_port, spawn_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 SPAWN_TIMEOUT_S = 240  # a hung collective fails the test instead of hanging it
@@ -44,11 +43,6 @@ def _one_thread():
     yield
     torch.set_num_threads(threads)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _data(n: int, seed: int) -> TensorDataset:
@@ -163,13 +157,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def ddp_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ddp")
-    ctx = mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=2, join=False)
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not ctx.join(timeout=5):  # raises if a rank failed
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.terminate()
-            pytest.fail(f"the two DDP ranks did not finish in {SPAWN_TIMEOUT_S} s")
+    spawn_ranks(_worker, (free_port(), str(out)), SPAWN_TIMEOUT_S, what="DDP ranks")
     return out
 
 

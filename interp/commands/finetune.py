@@ -99,11 +99,8 @@ def run(args: argparse.Namespace) -> int:
     from interp import dist
 
     _check_args(args)
-    device = dist.init_from_env(args.device)
-    try:
+    with dist.process_group(args.device) as device:
         return _run(args, device)
-    finally:
-        dist.shutdown()
 
 
 def _write_outputs(model, report: dict, out: Path, model_id: str) -> Path:

@@ -111,11 +111,8 @@ def run(args: argparse.Namespace) -> int:
     from interp import dist
 
     _check_args(args)
-    device = dist.init_from_env(args.device)
-    try:
+    with dist.process_group(args.device) as device:
         return _train(args, device)
-    finally:
-        dist.shutdown()
 
 
 def _check_args(args: argparse.Namespace) -> None:

@@ -115,13 +115,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.top < 1:
         raise ValueError(f"--top must be at least 1, got {args.top}")
-    device = args.device
-    if dist.launched():
-        # Under torchrun: join the process group; --device cuda becomes this
-        # rank's cuda:LOCAL_RANK. Without --device stay on the CPU, as one
-        # process would (the model loads there).
-        device = dist.init_from_env(device or "cpu")
-    try:
+    # Under torchrun: join the process group; --device cuda becomes this
+    # rank's cuda:LOCAL_RANK. Without --device stay on the CPU, as one
+    # process would (the model loads there).
+    want = (args.device or "cpu") if dist.launched() else args.device
+    with dist.process_group(want) as device:
         model, preprocess, model_id = load_model(args.model, args.weights)
         # Without --weights each process would draw its own random weights:
         # all ranks take rank 0's, so they run one model.
@@ -141,6 +139,4 @@ def run(args: argparse.Namespace) -> int:
                            device=device, topk=topk, web=args.web, num_workers=args.workers)
         if dist.is_main():  # one report, not one per rank
             report(result, processes=dist.world()[1])
-    finally:
-        dist.shutdown()
     return 0

@@ -1,0 +1,37 @@
+"""Helpers for the tests that start several torch.distributed processes on loopback."""
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def loopback_env() -> dict[str, str]:
+    """Keep Gloo on the loopback interface (it would otherwise pick the host's)."""
+    return {"GLOO_SOCKET_IFNAME": "lo"} if Path("/sys/class/net/lo").exists() else {}
+
+
+def spawn_ranks(worker: Callable, args: tuple, timeout_s: float, nprocs: int = 2, what: str = "ranks") -> None:
+    """Run ``worker(rank, *args)`` in ``nprocs`` processes; fail (not hang) after ``timeout_s``.
+
+    A rank that raises makes ``join`` raise here with its traceback; a hung
+    collective kills the processes and fails the test.
+    """
+    ctx = mp.spawn(worker, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the {nprocs} {what} did not finish in {timeout_s} s (a collective hung?)")
