@@ -76,3 +76,27 @@ def test_cli_random_init_is_seeded_and_leaves_the_global_rng_alone():
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert float(sa["conv1.weight"].std()) > 0.01  # really initialised, not zeros
+
+
+def test_cli_takes_training_statistics_from_data(data_root, tmp_path, monkeypatch):
+    # Run from a folder where the default data location does not exist: the
+    # Imagenette preprocess must still find its training statistics through
+    # the command's --data, not fall back to ImageNet's mean/std.
+    import warnings
+
+    from adapters.imagenette import dataset_stats
+    from interp.commands._models import load_model
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CNN_INTERNALS_DATA", raising=False)
+    stats = dataset_stats(data_root / "imagenette2-160")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fallback announces itself with a warning
+        _, pre, _ = load_model("resnet18", None, str(data_root / "imagenette2-160"))
+    from PIL import Image
+    import numpy as np
+
+    gray = Image.fromarray(np.full((64, 64, 3), 128, dtype=np.uint8))
+    x = pre(gray)
+    expected = (128 / 255 - np.asarray(stats.mean)) / np.asarray(stats.std)
+    np.testing.assert_allclose(x[:, 100, 100].numpy(), expected, rtol=1e-5)

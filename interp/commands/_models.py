@@ -68,8 +68,13 @@ def _from_file(spec: str) -> tuple[torch.nn.Module, Callable | None]:
     return model, preprocess
 
 
-def load_model(spec: str, weights: str | None = None) -> tuple[torch.nn.Module, Callable | None, str]:
+def load_model(spec: str, weights: str | None = None,
+               data: str | os.PathLike | None = None) -> tuple[torch.nn.Module, Callable | None, str]:
     """Return ``(model, preprocess, model_id)`` for a CLI model spec.
+
+    ``data`` is the command's ``--data``: a built-in adapter whose preprocess
+    uses training-set statistics (the Imagenette models) takes them from
+    there, not from the default data location.
 
     The model is built under a fixed seed (0) with the global RNG state
     restored afterwards, so a model without weights has the same random
@@ -78,10 +83,10 @@ def load_model(spec: str, weights: str | None = None) -> tuple[torch.nn.Module, 
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return _load_model(spec, weights)
+        return _load_model(spec, weights, data)
 
 
-def _load_model(spec: str, weights: str | None) -> tuple[torch.nn.Module, Callable | None, str]:
+def _load_model(spec: str, weights: str | None, data) -> tuple[torch.nn.Module, Callable | None, str]:
     if ".py:" in spec and not spec.startswith(("torchvision:", "timm:")):
         model, preprocess = _from_file(spec)
         if weights:
@@ -93,6 +98,34 @@ def _load_model(spec: str, weights: str | None) -> tuple[torch.nn.Module, Callab
         return model, preprocess, model_id
     import adapters
 
-    model, preprocess = adapters.load(spec, weights=weights)
+    kwargs = {}
+    if data is not None and not spec.startswith(("torchvision:", "timm:")) and _takes_data_root(spec) \
+            and _has_imagenette_train(data):
+        kwargs["data_root"] = data
+    model, preprocess = adapters.load(spec, weights=weights, **kwargs)
     model_id = spec.replace(":", "-").replace(os.sep, "-")
     return model, preprocess, model_id
+
+
+def _takes_data_root(spec: str) -> bool:
+    """Whether the built-in adapter ``spec``'s loader accepts ``data_root``."""
+    import inspect
+
+    import adapters
+
+    try:
+        loader = adapters._resolve(spec)
+    except Exception:  # noqa: BLE001 - unknown names fail with their own message in adapters.load
+        return False
+    return "data_root" in inspect.signature(loader).parameters
+
+
+def _has_imagenette_train(data: str | os.PathLike) -> bool:
+    """Whether ``data`` holds an Imagenette train split (else the adapter's default location is used)."""
+    from adapters.imagenette import find_split_dir
+
+    try:
+        find_split_dir(data, "train")
+    except (FileNotFoundError, ValueError):
+        return False
+    return True

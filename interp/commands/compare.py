@@ -57,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--top must be at least 1, got {args.top}")
     if args.grid < 0:
         raise ValueError(f"--grid must be 0 (full maps) or positive, got {args.grid}")
-    model_a, prep_a, id_a = load_model(args.model_a, args.weights_a)
-    model_b, prep_b, id_b = load_model(args.model_b, args.weights_b)
+    model_a, prep_a, id_a = load_model(args.model_a, args.weights_a, args.data)
+    model_b, prep_b, id_b = load_model(args.model_b, args.weights_b, args.data)
     if id_a == id_b:
         id_a, id_b = id_a + "-A", id_b + "-B"  # one model against itself: keep the two galleries apart
     data_a = open_images(args.data, prep_a, split=args.split, mode=input_mode(model_a),

@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     # process would (the model loads there).
     want = (args.device or "cpu") if dist.launched() else args.device
     with dist.process_group(want) as device:
-        model, preprocess, model_id = load_model(args.model, args.weights)
+        model, preprocess, model_id = load_model(args.model, args.weights, args.data)
         # Without --weights each process would draw its own random weights:
         # all ranks take rank 0's, so they run one model.
         dist.sync_module(model)
