@@ -24,6 +24,8 @@ from adapters.mobilenet import MobileNetV1
 from adapters.resnet18 import TORCHVISION_NAMES, ResNet18
 from adapters.vgg16 import VGG16
 
+from _convs import called_convs
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -280,22 +282,6 @@ def _output_shapes(model: nn.Module, names: list[str], size: int = 224) -> dict[
     return shapes
 
 
-def _forward_conv_order(model: nn.Module, size: int = 64) -> list[str]:
-    order: list[str] = []
-    handles = [
-        m.register_forward_pre_hook(lambda _m, _i, n=n: order.append(n))
-        for n, m in model.named_modules()
-        if isinstance(m, nn.Conv2d)
-    ]
-    try:
-        with torch.no_grad():
-            model.eval()(torch.randn(1, 3, size, size))
-    finally:
-        for h in handles:
-            h.remove()
-    return order
-
-
 # ----------------------------------------------------------------- architecture vs the seed
 
 
@@ -345,7 +331,7 @@ def test_inception_matches_the_seed_and_googlenet_widths():
 
 def test_inception_layer_aliases_follow_forward_order():
     model = InceptionNet()
-    order = _forward_conv_order(model)
+    order = called_convs(model)
     assert len(order) == 57
     expected = {f"conv{i}": n for i, n in enumerate(order, start=1) if n != f"conv{i}"}
     assert model.layer_aliases == expected

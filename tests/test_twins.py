@@ -17,6 +17,8 @@ from torch import nn
 import adapters
 import interp
 
+from _convs import called_convs
+
 
 @functools.lru_cache(maxsize=None)
 def _model(spec: str) -> nn.Module:
@@ -25,19 +27,6 @@ def _model(spec: str) -> nn.Module:
         warnings.simplefilter("ignore")  # googlenet's FutureWarning about its default init
         model, _ = adapters.load(spec)
     return model
-
-
-def _called_convs(model: nn.Module, size: int) -> list[str]:
-    order: list[str] = []
-    handles = [m.register_forward_hook(lambda _m, _i, _o, n=n: order.append(n))
-               for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    try:
-        with torch.no_grad():
-            model.eval()(torch.randn(1, 3, size, size))
-    finally:
-        for h in handles:
-            h.remove()
-    return order
 
 
 @pytest.mark.parametrize(
@@ -52,7 +41,7 @@ def _called_convs(model: nn.Module, size: int) -> list[str]:
 )
 def test_convN_is_the_nth_conv_called_on_the_pretrained_architectures(spec, n_convs):
     model = _model(spec)
-    order = _called_convs(model, 64)
+    order = called_convs(model, 64)
     assert len(order) == n_convs
     for i, name in enumerate(order, start=1):
         got = interp.resolve_layer(model, f"conv{i}").name
