@@ -34,6 +34,7 @@ _BUILTIN: dict[str, str] = {
     # Float twins of the real pretrained files in shared/data/weights (adapters.pretrained).
     "pretrained:mobilenet_v1_025_keras": "adapters.pretrained:load_mobilenet_v1_025_keras",
     "pretrained:mobilenet_v2_int8": "adapters.pretrained:load_mobilenet_v2_int8",
+    "pretrained:mobilenet_v1_100_tflite": "adapters.pretrained:load_mobilenet_v1_100_tflite",
 }
 _REGISTRY: dict[str, Callable] = {}
 
