@@ -80,7 +80,7 @@ def main() -> None:
     runtime = TFLiteRuntime()
     items = imagenette_val(args.data, args.per_class)
     classes = list(pretrained.IMAGENETTE_IMAGENET_CLASSES)
-    twin_top, rt_top, rt_lt, y, twin10, rt10, fixture = [], [], [], [], [], [], []
+    twin_top, rt_top, rt_lt, y, twin10, rt10, fixture, gaps = [], [], [], [], [], [], [], []
     for k, (f, c) in enumerate(items):
         u8 = to_u8(Image.open(f).convert("RGB"))
         probs, rt_logits = runtime(u8.permute(1, 2, 0).contiguous().numpy())
@@ -88,6 +88,9 @@ def main() -> None:
             logits = model(normalize(u8)[None])[0]
         rt = int(np.argmax(probs))  # the file's own output; ties in the uint8 softmax: first index
         twin_top.append(int(logits.argmax()))
+        if int(logits.argmax()) != rt:  # the runtime's own margin there, in uint8 logit steps
+            step = float(np.min(np.diff(np.unique(rt_logits))))
+            gaps.append(round(float(rt_logits.max() - rt_logits[int(logits.argmax())]) / step))
         rt_lt.append(int(np.argmax(rt_logits)))
         rt_top.append(rt)
         y.append(c)
@@ -103,6 +106,7 @@ def main() -> None:
     ptime = time.time() - t0
     print(f"images: {n} ({args.per_class} per class), {ptime:.0f} s")
     print(f"top-1 agreement twin vs TFLite runtime (1001-way): {(twin_top == rt_top).sum()}/{n} = {(twin_top == rt_top).mean():.1%}")
+    print(f"  where they differ, the twin's class is this many uint8 logit steps below the runtime's maximum: {sorted(gaps)}")
     print(f"  runtime softmax top-1 == runtime logits top-1: {np.mean(rt_top == np.array(rt_lt)):.1%}")
     print(f"agreement restricted to the 10 Imagenette classes: {(np.array(twin10) == np.array(rt10)).mean():.1%}")
     print(f"ImageNet top-1 on these images: twin {(twin_top == target).sum()}/{n} = {(twin_top == target).mean():.1%}, "
