@@ -53,7 +53,7 @@ TWINS: dict[str, tuple[str, ...]] = {
     "vgg16": ("torchvision:vgg16", "torchvision:vgg16_bn"),
     "inception": ("torchvision:googlenet",),
     "resnet18": ("torchvision:resnet18",),
-    "mobilenet": ("timm:mobilenetv1_100", "pretrained:mobilenet_v1_025_keras"),
+    "mobilenet": ("timm:mobilenetv1_100", "pretrained:mobilenet_v1_100_tflite", "pretrained:mobilenet_v1_025_keras"),
 }
 
 # Prefixes handled by :mod:`adapters.hub` ("torchvision:resnet18", "timm:resnet18").

@@ -286,10 +286,15 @@ def full_setup(
 
 
 def zero_shot(logits: torch.Tensor, classes: Sequence[int] = IMAGENET_CLASSES) -> torch.Tensor:
-    """Predicted Imagenette label (0..9) from 1000-way ImageNet logits, argmax over the 10 classes' logits."""
-    if logits.shape[1] <= max(classes):
-        raise ValueError(f"zero-shot needs ImageNet logits (1000 classes); the model gives {logits.shape[1]}")
-    return logits[:, list(classes)].argmax(1)
+    """Predicted Imagenette label (0..9) from ImageNet logits, argmax over the 10 classes' logits.
+
+    1000-way logits are indexed by ImageNet class; 1001-way logits (TF-slim
+    models, whose index 0 is "background") are shifted by one.
+    """
+    if logits.shape[1] not in (1000, 1001):
+        raise ValueError(f"zero-shot needs ImageNet logits (1000 or 1001 classes); the model gives {logits.shape[1]}")
+    offset = logits.shape[1] - 1000
+    return logits[:, [c + offset for c in classes]].argmax(1)
 
 
 def accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:

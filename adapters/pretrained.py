@@ -550,7 +550,13 @@ def tflite_mobilenet_v1(paths: tuple[str | os.PathLike, str | os.PathLike] | Non
     ValueError
         The graph is not MobileNet v1 1.0 as expected.
     """
-    import tflite
+    try:
+        import tflite
+    except ImportError as exc:
+        raise ImportError(
+            "reading TFLite files needs the 'tflite' package: pip install tflite==2.18.0 "
+            "(or pip install -e '.[tflite]')"
+        ) from exc
 
     files = [_weights_file(p, rel) for p, rel in zip(paths or (None, None), TFLITE_MOBILENET_V1_FILES)]
     backbone, head = _tflite_graph(files[0]), _tflite_graph(files[1])

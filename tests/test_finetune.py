@@ -32,7 +32,10 @@ def test_zero_shot_uses_only_the_ten_classes():
     logits[2, 0] = -1.0
     logits[2, 566] = 2.0  # French horn -> label 5
     assert ft.zero_shot(logits).tolist() == [1, 9, 5]
-    with pytest.raises(ValueError, match="1000 classes"):
+    # TF-slim 1001-way logits: index 0 is "background", ImageNet class c is index c + 1.
+    shifted = torch.cat([torch.full((3, 1), 100.0), logits], dim=1)
+    assert ft.zero_shot(shifted).tolist() == [1, 9, 5]
+    with pytest.raises(ValueError, match="1000 or 1001 classes"):
         ft.zero_shot(torch.zeros(2, 10))
 
 
