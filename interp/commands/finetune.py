@@ -154,10 +154,10 @@ def _run(args: argparse.Namespace, device) -> int:
     if not main:
         return 0  # the head trains in seconds on rank 0; the processes only shared the feature pass
     report["feature_dim"] = int(ftr.shape[1])
-    if lva.shape[1] == 1000:
+    if lva.shape[1] in (1000, 1001):  # ImageNet logits (1001: TF-slim, index 0 = background)
         report["zero_shot_val_top1"] = ft.accuracy(ft.zero_shot(lva), yva)
-        # Top-1 over all 1000 ImageNet classes (the 10 classes' indices counted as correct).
-        classes = torch.tensor(ft.IMAGENET_CLASSES)
+        # Top-1 over all ImageNet classes (the 10 classes' indices counted as correct).
+        classes = torch.tensor(ft.IMAGENET_CLASSES) + (lva.shape[1] - 1000)
         report["imagenet_val_top1"] = ft.accuracy(lva.argmax(1), classes[yva])
     lr = 0.01 if args.lr is None else args.lr
     t0 = time.perf_counter()
