@@ -285,6 +285,36 @@ def torchvision_state_dict(
 # -- timm --------------------------------------------------------------------
 
 
+def torchvision_into(
+    weights: object,
+    archs: tuple[str, ...],
+    head_key: str,
+    build: Callable[[int], torch.nn.Module],
+    convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+) -> tuple[torch.nn.Module, Callable] | None:
+    """Our adapter with torchvision's weights, or ``None`` when ``weights`` is not ``"torchvision:..."``.
+
+    Shared by the adapters that accept their torchvision counterpart's
+    weights: ``head_key`` is the classifier weight in torchvision's state dict
+    (its rows give the class count for ``build``), ``convert`` renames and
+    reshapes torchvision's tensors into ours.
+
+    Returns
+    -------
+    (model, preprocess) or None
+        The model in eval mode and the preprocess the weights expect.
+    """
+    source = parse_torchvision_weights(weights, archs)
+    if source is None:
+        return None
+    state, preprocess = torchvision_state_dict(*source)
+    if head_key not in state:
+        raise ValueError(f"{weights}: not a torchvision {source[0]} state dict (no {head_key})")
+    model = build(int(state[head_key].shape[0]))
+    model.load_state_dict(convert(state))
+    return model.eval(), preprocess
+
+
 def _timm_cached_file(cfg: dict) -> tuple[Path | None, str, Path]:
     """``(cached file or None, where it comes from, folder it belongs in)`` for a timm pretrained config."""
     hub_id = cfg.get("hf_hub_id")

@@ -357,19 +357,15 @@ def load(
         for torchvision weights torchvision's resize and crop with mean and std
         0.5 (the published weights' ``transform_input``).
     """
-    from .hub import parse_torchvision_weights, torchvision_state_dict
+    from .hub import torchvision_into
     from .recipes import finish_load
 
     tv_pools = bool(kwargs.pop("torchvision_pools", False))
     transform_input = kwargs.pop("transform_input", None)
-    source = parse_torchvision_weights(weights, ("googlenet",))
-    if source is not None:
-        state, preprocess = torchvision_state_dict(*source)
-        if "fc.weight" not in state:
-            raise ValueError(f"{weights}: not a torchvision googlenet state dict (no fc.weight)")
-        model = InceptionNet(num_classes=int(state["fc.weight"].shape[0]), **kwargs)
-        model.load_state_dict(from_torchvision_state_dict(state))
-        model = model.eval()
+    transferred = torchvision_into(weights, ("googlenet",), "fc.weight",
+                                   lambda n: InceptionNet(num_classes=n, **kwargs), from_torchvision_state_dict)
+    if transferred is not None:
+        model, preprocess = transferred
         if transform_input is None or transform_input:
             preprocess = _transform_input_preprocess(preprocess)
     else:

@@ -192,15 +192,11 @@ def load(
     (model, preprocess)
         ``preprocess``: resize 256, centre 224 crop, [0, 1], dataset mean/std.
     """
-    from .hub import parse_torchvision_weights, torchvision_state_dict
+    from .hub import torchvision_into
     from .recipes import finish_load
 
-    source = parse_torchvision_weights(weights, ("resnet18",))
-    if source is not None:
-        state, preprocess = torchvision_state_dict(*source)
-        if "fc.weight" not in state:
-            raise ValueError(f"{weights}: not a torchvision resnet18 state dict (no fc.weight)")
-        model = ResNet18(num_classes=int(state["fc.weight"].shape[0]), **kwargs)
-        model.load_state_dict(from_torchvision_state_dict(state))
-        return model.eval(), preprocess
+    transferred = torchvision_into(weights, ("resnet18",), "fc.weight",
+                                   lambda n: ResNet18(num_classes=n, **kwargs), from_torchvision_state_dict)
+    if transferred is not None:
+        return transferred
     return finish_load(ResNet18(num_classes=num_classes, **kwargs), "resnet18", weights, data_root, stats)

@@ -185,14 +185,11 @@ def load(
     (model, preprocess)
         ``preprocess``: resize 256, centre 224 crop, [0, 1], dataset mean/std.
     """
-    from .hub import parse_torchvision_weights, torchvision_state_dict
+    from .hub import torchvision_into
     from .recipes import finish_load
 
-    source = parse_torchvision_weights(weights, ("vgg16", "vgg16_bn"))
-    if source is not None:
-        state, preprocess = torchvision_state_dict(*source)
-        ours = from_torchvision_state_dict(state)
-        model = VGG16(num_classes=int(ours["fc3.weight"].shape[0]), **kwargs)
-        model.load_state_dict(ours)
-        return model.eval(), preprocess
+    transferred = torchvision_into(weights, ("vgg16", "vgg16_bn"), "classifier.6.weight",
+                                   lambda n: VGG16(num_classes=n, **kwargs), from_torchvision_state_dict)
+    if transferred is not None:
+        return transferred
     return finish_load(VGG16(num_classes=num_classes, **kwargs), "vgg16", weights, data_root, stats)
