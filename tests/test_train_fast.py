@@ -112,6 +112,18 @@ class _Tiny(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(torch.relu(self.bn(self.conv(x))), 1).flatten(1))
 
 
+class _Stop(Exception):
+    """Raised from the log after epoch 1: an interrupted run, for the resume tests."""
+
+
+def _stopping_log(stop_after_first: bool):
+    def log(msg: str) -> None:
+        if stop_after_first and msg.startswith("epoch 1/2"):
+            raise _Stop
+
+    return log
+
+
 def _fast_run(out, stop_after_first: bool = False, resume: bool = False):
     torch.manual_seed(0)
     model = _Tiny()
@@ -122,17 +134,10 @@ def _fast_run(out, stop_after_first: bool = False, resume: bool = False):
         recipe=Recipe(name="fast", epochs=2, batch_size=4, lr=1e-2), loss_fn=nn.CrossEntropyLoss(),
     )
 
-    class Stop(Exception):
-        pass
-
-    def log(msg: str) -> None:
-        if stop_after_first and msg.startswith("epoch 1/2"):
-            raise Stop
-
     try:
-        result = fit(spec, out, seed=5, progress=False, log=log, resume=resume, amp=True, channels_last=True,
-                     batches=data)
-    except Stop:
+        result = fit(spec, out, seed=5, progress=False, log=_stopping_log(stop_after_first), resume=resume,
+                     amp=True, channels_last=True, batches=data)
+    except _Stop:
         return None, model
     return result, model
 
@@ -198,16 +203,9 @@ def _worker_run(out, stop_after_first: bool = False, resume: bool = False):
     spec = TrainSpec(model=model, train_set=_Noisy(12), val_set=_Noisy(4),
                      recipe=Recipe(name="w", epochs=2, batch_size=4), loss_fn=nn.CrossEntropyLoss())
 
-    class Stop(Exception):
-        pass
-
-    def log(msg: str) -> None:
-        if stop_after_first and msg.startswith("epoch 1/2"):
-            raise Stop
-
     try:
-        fit(spec, out, seed=1, workers=1, progress=False, log=log, resume=resume)
-    except Stop:
+        fit(spec, out, seed=1, workers=1, progress=False, log=_stopping_log(stop_after_first), resume=resume)
+    except _Stop:
         pass
     return model
 
