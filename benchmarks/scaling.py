@@ -85,51 +85,34 @@ def run(device: torch.device, quick: bool = False, settings: Settings | None = N
     log(f"scaling: project {s.model} {s.layer} over {s.units} units ...")
     unit_sets = {n: _units_for(n, out_c, len(images), h, w) for n in s.units}
     interp.project(model, images, s.layer, unit_sets[s.units[0]])  # warm-up
-    times: dict[int, list[float]] = {n: [] for n in s.units}
-    for _ in range(s.repeats):
-        for n in s.units:  # interleaved over sizes, like every other benchmark
-            sync(device)
-            t0 = time.perf_counter()
-            interp.project(model, images, s.layer, unit_sets[n])
-            sync(device)
-            times[n].append(time.perf_counter() - t0)
-    meds = [median(times[n]) for n in s.units]
-    lin, expo = slope([float(n) for n in s.units], meds)
-    for n, m in zip(s.units, meds):
-        rows.append(Row(bench="scaling", case=f"project {s.model} {s.layer} {s.size}px", impl=f"{n} units",
-                        median_s=m, times_s=[round(t, 4) for t in times[n]],
-                        extra={"n": n, "per_item_s": m / n, "slope_s_per_item": lin, "loglog_exponent": expo,
-                               "series": "units"}))
+    rows += _series(device, s.units, s.repeats, lambda n: interp.project(model, images, s.layer, unit_sets[n]),
+                    case=f"project {s.model} {s.layer} {s.size}px", label="units")
 
     log(f"scaling: mine {s.model} all convs over {s.images} images ...")
     layers = list(interp.conv_layers(model))
-    itimes: dict[int, list[float]] = {n: [] for n in s.images}
     interp.mine(model, RandomImages(s.batch_size, s.size, s.seed), layers, k=9, batch_size=s.batch_size,
                 device=device, progress=False)  # warm-up
-    for _ in range(max(1, s.repeats - 1)):  # the big sizes are long; one repeat less
-        for n in s.images:
-            sync(device)
-            t0 = time.perf_counter()
-            interp.mine(model, RandomImages(n, s.size, s.seed), layers, k=9, batch_size=s.batch_size, device=device,
-                        progress=False)
-            sync(device)
-            itimes[n].append(time.perf_counter() - t0)
-    meds = [median(itimes[n]) for n in s.images]
-    lin, expo = slope([float(n) for n in s.images], meds)
-    for n, m in zip(s.images, meds):
-        rows.append(Row(bench="scaling", case=f"mine {s.model} {len(layers)} convs {s.size}px", impl=f"{n} images",
-                        median_s=m, times_s=[round(t, 3) for t in itimes[n]],
-                        extra={"n": n, "per_item_s": m / n, "slope_s_per_item": lin, "loglog_exponent": expo,
-                               "series": "images"}))
+    # The big sizes are long: one repeat less.
+    rows += _series(device, s.images, max(1, s.repeats - 1),
+                    lambda n: interp.mine(model, RandomImages(n, s.size, s.seed), layers, k=9,
+                                          batch_size=s.batch_size, device=device, progress=False),
+                    case=f"mine {s.model} {len(layers)} convs {s.size}px", label="images")
     return rows
 
 
-def markdown(rows: list[Row]) -> str:
-    """Scaling rows as a markdown table with the per-series slope."""
-    lines = ["| series | size | median s | s per item | slope (s per extra item) | log-log exponent |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        e = r.extra
-        lines.append(f"| {r.case} | {r.impl} | {r.median_s:.3f} | {e['per_item_s']:.4f} | "
-                     f"{e['slope_s_per_item']:.4f} | {e['loglog_exponent']:.2f} |")
-    return "\n".join(lines) + "\n"
+def _series(device: torch.device, sizes, repeats: int, work, case: str, label: str) -> list[Row]:
+    """Time ``work(n)`` for every size, interleaved over sizes like every other benchmark; one row per size."""
+    times: dict[int, list[float]] = {n: [] for n in sizes}
+    for _ in range(repeats):
+        for n in sizes:
+            sync(device)
+            t0 = time.perf_counter()
+            work(n)
+            sync(device)
+            times[n].append(time.perf_counter() - t0)
+    meds = [median(times[n]) for n in sizes]
+    lin, expo = slope([float(n) for n in sizes], meds)
+    return [Row(bench="scaling", case=case, impl=f"{n} {label}", median_s=m, times_s=[round(t, 4) for t in times[n]],
+                extra={"n": n, "per_item_s": m / n, "slope_s_per_item": lin, "loglog_exponent": expo,
+                       "series": label})
+            for n, m in zip(sizes, meds)]
