@@ -37,20 +37,22 @@ class Settings:
     batch_size: int = 64
     repeats: int = 1
     seed: int = 0
+    workers: int = 0  # DataLoader workers decoding images, in both pipelines
 
 
 FULL = Settings()
 QUICK = Settings(limit=24, channels=2, k=3)
 
 
-def _loader(data, batch_size: int):
+def _loader(data, batch_size: int, workers: int = 0):
     from interp.data import collate_skipping
 
-    return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_skipping)
+    return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_skipping,
+                                       num_workers=workers)
 
 
 def original_pipeline(model: nn.Module, data, layers: list[str], channels: int, k: int, batch_size: int,
-                      device: torch.device) -> tuple[dict, torch.Tensor]:
+                      device: torch.device, workers: int = 0) -> tuple[dict, torch.Tensor]:
     """Mine one layer per data pass, then one forward+backward per unit; timings and top-k values."""
     from .projection import naive_per_unit
 
@@ -78,7 +80,7 @@ def original_pipeline(model: nn.Module, data, layers: list[str], channels: int, 
 
             handle = modules[name].register_forward_hook(hook)
             try:
-                for batch in _loader(data, batch_size):
+                for batch in _loader(data, batch_size, workers):
                     if batch is None:
                         continue
                     xs, idx = batch
@@ -147,13 +149,15 @@ def run(device: torch.device, quick: bool = False, settings: Settings | None = N
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
             res = interp.visualize(model, data, tmp, layers, channels=chans, k=s.k, methods=("guided",),
-                                   model_id="resnet18", batch_size=s.batch_size, device=device, progress=False)
+                                   model_id="resnet18", batch_size=s.batch_size, device=device, progress=False,
+                                   num_workers=s.workers)
             sync(device)
             wall = time.perf_counter() - t0
         ours_t.append(dict(res.timings, wall=wall))
         ours_vals = topk_values(res.topk, layers)
         t0 = time.perf_counter()
-        timings, orig_vals = original_pipeline(model, data, layers, s.channels, s.k, s.batch_size, device)
+        timings, orig_vals = original_pipeline(model, data, layers, s.channels, s.k, s.batch_size, device,
+                                                   s.workers)
         orig_t.append(dict(timings, wall=time.perf_counter() - t0))
     case = f"resnet18 {len(layers)} convs x {s.channels} ch x top-{s.k} ({n_units} units), {len(data)} val img"
     rows = []

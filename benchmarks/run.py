@@ -49,6 +49,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="images for the mining benchmark (default 128; quick: 32)")
     p.add_argument("--data", default=None, help="data root holding imagenette2-160/ (default ../shared/data)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="end to end: DataLoader workers decoding the images, for both pipelines (default 0)")
+    p.add_argument("--tf32", action="store_true",
+                   help="CUDA: allow TF32 convolutions/matmuls (default off: true fp32, results checked to 1e-5; "
+                        "with --tf32 to 1e-2)")
 
 
 def parse_list(text: str | None, allowed: Sequence[str] | None = None, what: str = "item") -> list[str] | None:
@@ -86,7 +91,8 @@ def run_suite(args: argparse.Namespace, log: Callable[[str], None] = print,
     ``command`` is recorded in the JSON (default: this process's arguments).
     """
     from . import end_to_end, mining, projection, scaling
-    from .common import TOLERANCE, as_json, environment, markdown, setup_device
+    from . import common
+    from .common import as_json, environment, markdown, setup_device
 
     if args.threads is not None:
         if args.threads < 1:
@@ -99,7 +105,10 @@ def run_suite(args: argparse.Namespace, log: Callable[[str], None] = print,
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     if args.mining_images is not None and args.mining_images < 1:
         raise ValueError(f"--mining-images must be >= 1, got {args.mining_images}")
-    device = setup_device(args.device)
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    device = setup_device(args.device, tf32=bool(getattr(args, "tf32", False)))
+    TOLERANCE = common.TOLERANCE
     env = environment(device)
     started = datetime.datetime.now(datetime.timezone.utc)
     doc: dict = {"command": command or "python -m benchmarks.run " + " ".join(sys.argv[1:]), "started_utc": started.isoformat(timespec="seconds"),
@@ -130,6 +139,7 @@ def run_suite(args: argparse.Namespace, log: Callable[[str], None] = print,
             s = end_to_end.QUICK if args.quick else end_to_end.FULL
             if args.e2e_limit is not None:
                 s = replace(s, limit=args.e2e_limit)
+            s = replace(s, workers=args.workers)
             rows = end_to_end.run(device, args.quick, settings=s, data_root=Path(args.data) if args.data else None,
                                   log=log)
             table = markdown(rows, "End to end (resnet18 visualize)") + "\n" + end_to_end.markdown_split(rows)
