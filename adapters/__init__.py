@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["load", "names", "register", "TWINS"]
+__all__ = ["load", "names", "register", "TWINS", "FIGURE_LAYERS"]
 
 # name -> "module:function". Imported lazily so that ``import adapters`` stays
 # cheap and an adapter with heavy optional dependencies costs nothing unless used.
@@ -54,6 +54,18 @@ TWINS: dict[str, tuple[str, ...]] = {
     "inception": ("torchvision:googlenet",),
     "resnet18": ("torchvision:resnet18",),
     "mobilenet": ("timm:mobilenetv1_100", "pretrained:mobilenet_v1_100_tflite", "pretrained:mobilenet_v1_025_keras"),
+}
+
+#: The layers the original work shows a panel for, per from-scratch model (its
+#: README's "Internal Visualisations" sections): ``cnn-internals reproduce``
+#: draws these, for the from-scratch model and its pretrained twin alike.
+FIGURE_LAYERS: dict[str, tuple[str, ...]] = {
+    "lenet5": ("conv1", "conv2", "conv3"),
+    "alexnet": ("conv2", "conv3", "conv4", "conv5"),
+    "vgg16": ("conv2", "conv4", "conv6", "conv8", "conv10", "conv13"),
+    "inception": tuple(f"conv{n}" for n in range(2, 19, 2)),
+    "resnet18": ("conv2", "conv4", "conv6", "conv8", "conv10", "conv13"),
+    "mobilenet": ("conv2", "conv6", "conv10", "conv14", "conv18", "conv22"),
 }
 
 # Prefixes handled by :mod:`adapters.hub` ("torchvision:resnet18", "timm:resnet18").

@@ -220,5 +220,9 @@ def run(device: torch.device, quick: bool = False, cases=None, methods=None, set
         model = build_torchvision(model_name, s.seed)
         for method in methods:
             log(f"projection: {model_name} {layer} {method} ...")
-            rows += run_case(model_name, layer, method, device, s, zennit=have_zennit, model=model)
+            case_rows = run_case(model_name, layer, method, device, s, zennit=have_zennit, model=model)
+            # One line per case as soon as it is measured: a run cut short still tells its numbers.
+            log("  " + "; ".join(f"{r.impl} {r.median_s:.4f} s" + (f" (ours {1 / r.ratio:.1f}x faster)" if r.ratio else "")
+                                 for r in case_rows))
+            rows += case_rows
     return rows

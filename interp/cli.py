@@ -12,7 +12,7 @@ import os
 import sys
 
 # Verb -> module under interp.commands, in the order shown by --help.
-COMMANDS = ["demo", "layers", "rf", "visualize", "gallery", "train", "finetune", "compare", "bench"]
+COMMANDS = ["demo", "layers", "rf", "visualize", "gallery", "train", "finetune", "compare", "reproduce", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -196,6 +196,10 @@ def _full(args, device, model, model_id: str, train, val, out: Path, report: dic
     say(f"fine-tuning all weights of {args.model}: {args.epochs} epochs, batch {args.batch_size}"
         + (f" over {world} processes" if world > 1 else "") + f", AdamW lr {lr:g} cosine, "
         f"{len(train)} train / {len(val)} val images -> {out}")
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: keep cuDNN's fastest kernels
     result = fit(spec, out, device=device if device is not None else "cpu", workers=args.workers, seed=args.seed,
                  resume=args.resume, progress=not args.no_progress, log=say, amp=args.amp,
                  channels_last=args.channels_last, sync_bn=args.sync_bn, stop_after=args.stop_after)

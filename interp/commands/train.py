@@ -189,6 +189,9 @@ def _train(args: argparse.Namespace, device) -> int:
     )
     if args.sync_bn and world == 1:
         say("note: --sync-bn has no effect in a single process (launch with torchrun)")
+    if str(device).startswith("cuda"):
+        # Fixed input shapes: let cuDNN time its kernels once and keep the fastest.
+        torch.backends.cudnn.benchmark = True
     result = fit(
         spec, out, device=device, workers=args.workers, seed=args.seed,
         resume=args.resume, progress=not args.no_progress,
