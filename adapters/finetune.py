@@ -244,10 +244,15 @@ def full_setup(
     seed: int = 0,
     num_classes: int = 10,
     name: str = "finetune-full",
+    head: nn.Linear | None = None,
+    frozen_bn: bool = True,
 ):
     """A :class:`adapters.training.TrainSpec` that fine-tunes every weight of ``model`` with a new head.
 
-    The last ``nn.Linear`` is replaced by a fresh ``num_classes``-way head
+    The last ``nn.Linear`` is replaced by ``head`` (e.g. one trained on frozen
+    features first, :func:`train_head`: "linear probe, then fine-tune", which
+    keeps a random head's large early gradients from distorting the
+    pretrained features) or else a fresh ``num_classes``-way head
     (:func:`new_head`, seeded); all parameters train with AdamW (``lr``,
     ``weight_decay``), the learning rate following a cosine to zero over the
     epochs, stepped per batch, on cross-entropy. Training images are
@@ -268,11 +273,20 @@ def full_setup(
         Outputs of the new head.
     name:
         Recipe name (logs, checkpoints).
+    head:
+        The head to start from (``in_features`` must fit); ``None``: a fresh one.
+    frozen_bn:
+        BatchNorm layers keep their pretrained statistics (eval mode) while
+        every weight trains (:attr:`adapters.training.TrainSpec.frozen_bn`).
     """
     from .training import Recipe, TrainSpec
 
     _, old = last_linear(model)
-    replace_head(model, new_head(old.in_features, num_classes, seed).to(old.weight.device))
+    if head is None:
+        head = new_head(old.in_features, num_classes, seed)
+    elif head.in_features != old.in_features:
+        raise ValueError(f"the given head takes {head.in_features} features; the model gives {old.in_features}")
+    replace_head(model, head.to(old.weight.device))
     for p in model.parameters():
         p.requires_grad_(True)
     model.train()
@@ -281,7 +295,8 @@ def full_setup(
     return TrainSpec(
         model=model, train_set=RandomFlip(train_set), val_set=val_set, recipe=recipe,
         loss_fn=nn.CrossEntropyLoss(), val_name=f"imagenette-val[{len(val_set)}]" if val_set is not None else "val",
-        extra={"mode": "full", "new_head": [old.in_features, num_classes], "augment": "random horizontal flip"},
+        extra={"mode": "full", "new_head": [head.in_features, head.out_features], "augment": "random horizontal flip"},
+        frozen_bn=frozen_bn,
     )
 
 

@@ -619,17 +619,20 @@ def load_mobilenet_v1_100_tflite(weights: str | os.PathLike | None = None, **kwa
     Parameters
     ----------
     weights:
-        ``None`` (the two shipped ``.tflite`` files) or a ``.pt`` / ``.pth`` /
-        ``.safetensors`` state dict of this twin. 1001 outputs (index 0 background).
+        ``None`` (the two shipped ``.tflite`` files: 1001 outputs, index 0
+        background) or a ``.pt`` / ``.pth`` / ``.safetensors`` state dict of
+        this twin, whose ``fc`` sets the number of outputs (e.g. 10 after
+        ``cnn-internals finetune``).
     """
     if kwargs:
         raise ValueError(f"pretrained:mobilenet_v1_100_tflite takes no options {', '.join(kwargs)}")
     if weights is not None:
         from .checkpoint import load_state_dict
 
-        model = TFLiteMobileNetV1()
+        state = load_state_dict(weights)
+        model = TFLiteMobileNetV1(num_classes=int(state["fc.weight"].shape[0]) if "fc.weight" in state else 1001)
         try:
-            model.load_state_dict(load_state_dict(weights))
+            model.load_state_dict(state)
         except RuntimeError as exc:
             detail = " ".join(line.strip() for line in str(exc).strip().splitlines()[:3])
             raise ValueError(f"{weights} does not fit pretrained:mobilenet_v1_100_tflite: {detail}") from exc

@@ -234,6 +234,13 @@ class TrainSpec:
         Human-readable name of ``val_set``, recorded in logs.
     extra:
         Anything else worth recording in ``log.json`` (model options, preprocessing).
+    frozen_bn:
+        Keep every BatchNorm layer in eval mode while training: it normalises
+        with its running statistics and does not update them (its affine
+        weights still learn). For fine-tuning pretrained networks, whose
+        statistics are part of what was learned (and, in a twin with
+        BatchNorm folded into the convolutions, placeholders that batch
+        statistics would replace).
     """
 
     model: nn.Module
@@ -244,6 +251,7 @@ class TrainSpec:
     scores_fn: Callable[[torch.Tensor], torch.Tensor] = _identity
     val_name: str = "val"
     extra: dict[str, Any] = field(default_factory=dict)
+    frozen_bn: bool = False
 
 
 def seed_everything(seed: int) -> None:
@@ -812,6 +820,7 @@ def fit(
                 "workers": workers,
                 "device_batches": batches.describe() if batches is not None else None,
                 "extra": spec.extra,
+                "frozen_bn": spec.frozen_bn,
                 "epochs": history,
             },
             out / "log.json",
@@ -845,6 +854,10 @@ def fit(
     try:
         for epoch in range(start_epoch, last_epoch):
             net.train()
+            if spec.frozen_bn:
+                for m in net.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.eval()
             if batches is not None:
                 loader: Iterable = (batches.train_batches(seed, epoch, recipe.batch_size, rank=rank, world=world)
                                     if ddp else batches.train_batches(seed, epoch, recipe.batch_size))

@@ -165,7 +165,7 @@ def visualize(
     if bad or not methods:
         raise ValueError(f"unknown method(s) {bad or methods}; choose from {', '.join(METHODS)}")
     out_dir = Path(out_dir)
-    timings = {"mining": 0.0, "projection": 0.0, "drawing": 0.0}
+    timings = {"mining": 0.0, "loading": 0.0, "projection": 0.0, "drawing": 0.0}
 
     if topk is None:
         names = resolve_layers(model, layers)
@@ -200,7 +200,7 @@ def visualize(
 
     def run_jobs(done) -> dict:
         """This rank's share of the jobs; ``done(job)`` receives each result."""
-        spent = {"projection": 0.0, "drawing": 0.0}
+        spent = {"loading": 0.0, "projection": 0.0, "drawing": 0.0}
         encoded: set[int] = set()  # input images this rank has already encoded
         loaded: tuple = (None, None)  # (layer, its images): reused by the layer's next method
         with eval_mode(model), on_device(model, device) as dev, \
@@ -209,7 +209,9 @@ def visualize(
             for j in dist.work_queue(len(jobs)) if spread else range(len(jobs)):
                 name, method = jobs[j]
                 if loaded[0] != name:
+                    t0 = time.perf_counter()
                     loaded = (name, _load_layer(data, topk, name, dev))
+                    spent["loading"] += time.perf_counter() - t0
                 job = _draw_job(model, data, topk, name, method, loaded=loaded[1],
                                 tiles_too=method == methods[0], encoded=encoded, web=web,
                                 project_batch_size=project_batch_size)
@@ -242,7 +244,8 @@ def visualize(
                 for job in jobs_of_rank:
                     writer.add(job)
             writer.finish()
-            return {"projection": max(spent["projection"] for _, spent in parts),
+            return {"loading": max(spent["loading"] for _, spent in parts),
+                    "projection": max(spent["projection"] for _, spent in parts),
                     "drawing": max(spent["drawing"] for _, spent in parts) + time.perf_counter() - t0}
 
         # Every rank waits for rank 0's writing and fails with it, so no rank

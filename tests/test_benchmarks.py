@@ -97,3 +97,15 @@ def test_bad_options_are_one_line_errors(capsys):
     assert "unknown benchmark nope" in capsys.readouterr().err
     assert run.main(["--cases", "vgg16"]) == 2
     assert "write model:layer" in capsys.readouterr().err
+    assert run.main(["--tf32"]) == 2  # CPU: there is no TF32 to allow
+    assert "--tf32 applies to --device cuda only" in capsys.readouterr().err
+    assert run.main(["--workers", "-1"]) == 2
+    assert "--workers must be >= 0" in capsys.readouterr().err
+
+
+def test_pass_size_follows_the_device():
+    from interp.project import _auto_rows
+
+    assert _auto_rows(224, 224) == 16 and _auto_rows(224, 224, "cpu") == 16
+    assert _auto_rows(224, 224, "cuda") == 64  # the original's 54 units in one pass on a GPU
+    assert _auto_rows(36, 36) == 256 and _auto_rows(36, 36, "cuda") == 256  # capped rows for small crops

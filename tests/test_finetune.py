@@ -110,14 +110,20 @@ def _full_run(main, args, out, capsys):
     log = json.loads((out / "log.json").read_text())
     assert [e["epoch"] for e in log["epochs"]] == [1, 2] and log["extra"]["mode"] == "full"
     assert log["recipe"]["lr"] == 1e-3 and log["recipe"]["scheduler"] == "cosine" and log["global_batch"] == 5
+    # The defaults: a linear probe's head to start from, BatchNorm statistics kept.
+    assert log["extra"]["head_init"] == "linear probe" and log["frozen_bn"] is True
     report = json.loads((out / "finetune.json").read_text())
     assert report["mode"] == "full" and report["epochs"] == 2 and report["train_images"] == 10
+    assert report["head_init"] == "linear probe" and 0.0 <= report["head_only_val_top1"] <= 1.0
     assert report["full_val_top1"] == log["epochs"][-1]["val_top1"]
     assert not list(out.glob(".*.tmp"))
     # The written model (new 10-way head, every weight trained) reproduces the reported val top-1.
     tuned, preprocess = adapters.load("pretrained:mobilenet_v1_025_keras", weights=str(out / report["weights_file"]))
     base, _ = adapters.load("pretrained:mobilenet_v1_025_keras")
     assert not torch.equal(next(tuned.parameters()), next(base.parameters()))  # the first conv trained too
+    bns = [(a, b) for a, b in zip(tuned.modules(), base.modules()) if isinstance(a, torch.nn.BatchNorm2d)]
+    assert bns and all(torch.equal(a.running_mean, b.running_mean) and torch.equal(a.running_var, b.running_var)
+                       for a, b in bns)  # frozen statistics
     val = ft.imagenette(DATA_ROOT, "val", preprocess, 10)
     x = torch.stack([val[i][0] for i in range(10)])
     with torch.no_grad():
@@ -126,3 +132,29 @@ def _full_run(main, args, out, capsys):
     # Flags of --full alone are refused in the head-only mode, with the fix in the message.
     assert main(["finetune", "pretrained:mobilenet_v1_025_keras", "--resume", "--amp"]) == 2
     assert "--resume, --amp: only with --full fine-tuning; add --full or drop them" in capsys.readouterr().err
+
+
+def _bn_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 7))
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_full_setup_frozen_bn_and_given_head(tmp_path, frozen):
+    from adapters.training import fit
+
+    g = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(torch.randn(12, 3, 8, 8, generator=g) + 3.0, torch.arange(12) % 3)
+    model = _bn_net()
+    bn_mean = model[1].running_mean.clone()
+    conv_w = model[0].weight.detach().clone()
+    head = torch.nn.Linear(4, 3)
+    spec = ft.full_setup(model, data, data, epochs=1, batch_size=4, lr=1e-2, head=head, frozen_bn=frozen)
+    assert model[5] is head and spec.frozen_bn is frozen
+    fit(spec, tmp_path / str(frozen), progress=False, log=lambda _m: None)
+    assert not torch.equal(model[0].weight, conv_w)  # every weight trains either way
+    # Inputs have mean ~3: batch statistics would move the running mean away from 0.
+    assert torch.equal(model[1].running_mean, bn_mean) is frozen
+    with pytest.raises(ValueError, match="takes 5 features; the model gives 4"):
+        ft.full_setup(_bn_net(), data, data, head=torch.nn.Linear(5, 3))

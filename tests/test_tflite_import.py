@@ -127,3 +127,20 @@ def test_missing_tflite_file_is_one_clear_error(tmp_path, monkeypatch):
     msg = str(err.value)
     assert "mobilenet_v1_1.0_224_quant_embedding_extractor.tflite" in msg and "\n" not in msg
     assert str(tmp_path / "weights" / "tflite") in msg
+
+
+def test_fine_tuned_state_dict_sets_the_head_size(tmp_path):
+    """A state dict written by `finetune` (10-way fc) loads back without the .tflite files."""
+    from safetensors.torch import save_file
+
+    from adapters.pretrained import TFLiteMobileNetV1
+
+    torch.manual_seed(0)
+    tuned = TFLiteMobileNetV1(num_classes=10).eval()
+    path = tmp_path / "tuned.safetensors"
+    save_file({k: v.contiguous() for k, v in tuned.state_dict().items()}, str(path))
+    model, _ = adapters.load("pretrained:mobilenet_v1_100_tflite", weights=str(path))
+    assert model.fc.out_features == 10
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(model(x), tuned(x))

@@ -46,8 +46,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(full=False)
     p.add_argument("--train-limit", type=int, default=None, help="use N train images spread over the classes (default all)")
     p.add_argument("--val-limit", type=int, default=None, help="use N val images spread over the classes (default all)")
-    p.add_argument("--steps", type=int, default=300, help="head-only: full-batch Adam steps for the head (default 300)")
+    p.add_argument("--steps", type=int, default=300, help="full-batch Adam steps for the head on the frozen features (head-only, and --full's "
+                        "probe; default 300)")
     p.add_argument("--epochs", type=int, default=5, help="--full: epochs (default 5)")
+    p.add_argument("--head-init", choices=["probe", "random"], default="probe",
+                   help="--full: start from a head trained on the frozen features first (probe, the default: "
+                        "'linear probe, then fine-tune'), or from a random head")
+    p.add_argument("--train-bn", action="store_true",
+                   help="--full: BatchNorm layers use and update batch statistics (default: they keep the "
+                        "pretrained running statistics)")
     p.add_argument("--lr", type=float, default=None,
                    help="learning rate (default 0.01 for the head-only head, 1e-4 for --full)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay (default 1e-4)")
@@ -139,7 +146,30 @@ def _run(args: argparse.Namespace, device) -> int:
         "train_images": len(train), "val_images": len(val), "world_size": dist.world()[1],
     }
     if args.full:
-        return _full(args, device, model, model_id, train, val, out, report, t_start)
+        head = None
+        if args.head_init == "probe" and not (args.resume and (out / "last.pt").is_file()):
+            # Linear probe first: the full fine-tune then starts from a trained head.
+            head = _probe(args, model, model_id, train, val, device, report)
+            if head is not None:
+                _print_probe(args, report)
+        return _full(args, device, model, model_id, train, val, out, report, t_start, head)
+    head = _probe(args, model, model_id, train, val, device, report)
+    if head is None:
+        return 0  # the head trains in seconds on rank 0; the processes only shared the feature pass
+    ft.replace_head(model, head.to(next(model.parameters()).device))
+    report["seconds"]["total"] = round(time.perf_counter() - t_start, 1)
+    weights_path = _write_outputs(model, report, out, model_id)
+    _print_probe(args, report)
+    print(f"wrote {weights_path} and {out / 'finetune.json'}")
+    return 0
+
+
+def _probe(args: argparse.Namespace, model, model_id: str, train, val, device, report: dict):
+    """Backbone features (cached), zero-shot numbers and a trained 10-way head (``None`` off rank 0)."""
+    import torch
+
+    from adapters import finetune as ft
+    from interp import dist
 
     def feats(data, split):
         key = None if args.no_cache else ft._cache_key(model_id, args.weights, data)
@@ -151,15 +181,15 @@ def _run(args: argparse.Namespace, device) -> int:
     ftr, _, ytr = feats(train, "train")
     fva, lva, yva = feats(val, "val")
     t_features = time.perf_counter() - t0
-    if not main:
-        return 0  # the head trains in seconds on rank 0; the processes only shared the feature pass
+    if not dist.is_main():
+        return None
     report["feature_dim"] = int(ftr.shape[1])
     if lva.shape[1] in (1000, 1001):  # ImageNet logits (1001: TF-slim, index 0 = background)
         report["zero_shot_val_top1"] = ft.accuracy(ft.zero_shot(lva), yva)
         # Top-1 over all ImageNet classes (the 10 classes' indices counted as correct).
         classes = torch.tensor(ft.IMAGENET_CLASSES) + (lva.shape[1] - 1000)
         report["imagenet_val_top1"] = ft.accuracy(lva.argmax(1), classes[yva])
-    lr = 0.01 if args.lr is None else args.lr
+    lr = 0.01 if (args.lr is None or args.full) else args.lr
     t0 = time.perf_counter()
     head = ft.train_head(ftr, ytr, 10, steps=args.steps, lr=lr, weight_decay=args.weight_decay, seed=args.seed,
                          progress=not args.no_progress)
@@ -167,22 +197,23 @@ def _run(args: argparse.Namespace, device) -> int:
         report["head_only_train_top1"] = ft.accuracy(head(ftr).argmax(1), ytr)
         report["head_only_val_top1"] = ft.accuracy(head(fva).argmax(1), yva)
     t_head = time.perf_counter() - t0
-    ft.replace_head(model, head.to(next(model.parameters()).device))
-    report.update(steps=args.steps, lr=lr, weight_decay=args.weight_decay, seed=args.seed,
-                  seconds={"features": round(t_features, 1), "head": round(t_head, 2),
-                           "total": round(time.perf_counter() - t_start, 1)})
-    weights_path = _write_outputs(model, report, out, model_id)
-    print(f"{args.model}: {len(train)} train / {len(val)} val images, features {ftr.shape[1]}-d "
-          f"({t_features:.1f} s), head trained in {t_head:.1f} s")
+    report.update(steps=args.steps, lr=lr, head_lr=lr, weight_decay=args.weight_decay, seed=args.seed,
+                  seconds={"features": round(t_features, 1), "head": round(t_head, 2)})
+    report["feature_text"] = (f"{args.model}: {len(train)} train / {len(val)} val images, features "
+                              f"{ftr.shape[1]}-d ({t_features:.1f} s), head trained in {t_head:.1f} s")
+    return head
+
+
+def _print_probe(args: argparse.Namespace, report: dict) -> None:
+    print(report.pop("feature_text"))
     if "zero_shot_val_top1" in report:
         print(f"  zero-shot val top-1 (10 ImageNet classes): {report['zero_shot_val_top1']:.2%}")
         print(f"  ImageNet 1000-way val top-1:              {report['imagenet_val_top1']:.2%}")
     print(f"  head-only val top-1:                       {report['head_only_val_top1']:.2%}")
-    print(f"wrote {weights_path} and {out / 'finetune.json'}")
-    return 0
 
 
-def _full(args, device, model, model_id: str, train, val, out: Path, report: dict, t_start: float) -> int:
+def _full(args, device, model, model_id: str, train, val, out: Path, report: dict, t_start: float,
+          head=None) -> int:
     """``--full``: every weight trained by :func:`adapters.training.fit`; outputs when the run is complete."""
     from adapters import finetune as ft
     from adapters.training import fit
@@ -191,7 +222,8 @@ def _full(args, device, model, model_id: str, train, val, out: Path, report: dic
     say = print if dist.is_main() else (lambda *_a, **_k: None)
     lr = 1e-4 if args.lr is None else args.lr
     spec = ft.full_setup(model, train, val, epochs=args.epochs, batch_size=args.batch_size, lr=lr,
-                         weight_decay=args.weight_decay, seed=args.seed)
+                         weight_decay=args.weight_decay, seed=args.seed, head=head, frozen_bn=not args.train_bn)
+    spec.extra["head_init"] = "linear probe" if head is not None else "random"
     world = dist.world()[1]
     say(f"fine-tuning all weights of {args.model}: {args.epochs} epochs, batch {args.batch_size}"
         + (f" over {world} processes" if world > 1 else "") + f", AdamW lr {lr:g} cosine, "
@@ -209,9 +241,10 @@ def _full(args, device, model, model_id: str, train, val, out: Path, report: dic
     last = history[-1]
     report.update(
         epochs=args.epochs, batch_size=args.batch_size, lr=lr, weight_decay=args.weight_decay, seed=args.seed,
+        head_init=spec.extra["head_init"], frozen_bn=spec.frozen_bn,
         full_val_top1=last.get("val_top1"), full_val_loss=last.get("val_loss"), full_train_top1=last["train_top1"],
         world_size=last.get("world_size", 1),
-        seconds={"train": round(sum(h["seconds"] for h in history), 1),
+        seconds={**report.get("seconds", {}), "train": round(sum(h["seconds"] for h in history), 1),
                  "total_this_session": round(time.perf_counter() - t_start, 1)},
     )
     weights_path = _write_outputs(spec.model, report, out, model_id)

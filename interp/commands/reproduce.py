@@ -79,10 +79,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 @dataclass
 class Job:
-    """One subprocess step: ``cnn-internals ARGV``; ``done`` exists once it completed."""
+    """One subprocess step: the command ``cmd``; the file ``done`` exists once it completed."""
 
     name: str
-    argv: list[str]
+    cmd: list[str]
     log: Path
     done: Path
     progress: Path | None = None  # a log.json whose "epochs" tell how far it is
@@ -91,9 +91,21 @@ class Job:
     proc: Any = field(default=None, repr=False)
 
 
-def _env() -> dict[str, str]:
-    """The children's environment: this package importable even when it is not installed."""
+def _env(parallel: int = 1) -> dict[str, str]:
+    """The children's environment: this package importable even when it is not installed, and
+    the CPU threads shared out.
+
+    Without a share every process starts one torch thread per core: with
+    several jobs at once the threads outnumber the cores several times over,
+    and small CPU-side tensor work between GPU calls (preprocessing a panel's
+    images, say) can crawl while OpenMP threads wait for each other. Seen on
+    an H100 machine with four ``visualize`` jobs at once on 16 cores: 14 s
+    per panel where a lone process needs under 1 s (this share is the
+    expected cure; it has not been re-measured there).
+    """
     env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, parallel)))
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -119,7 +131,7 @@ def run_jobs(jobs: list[Job], parallel: int, deadline: float | None, say=print, 
     """Run ``jobs`` (``parallel`` at once), stopping those still running at ``deadline`` (time.monotonic)."""
     pending = [j for j in jobs if j.status == "pending"]
     running: list[Job] = []
-    env = _env()
+    env = _env(parallel)
     last_report = time.monotonic()
     try:
         while pending or running:
@@ -136,7 +148,7 @@ def run_jobs(jobs: list[Job], parallel: int, deadline: float | None, say=print, 
                 j = pending.pop(0)
                 j.log.parent.mkdir(parents=True, exist_ok=True)
                 fh = open(j.log, "ab")
-                j.proc = subprocess.Popen([sys.executable, "-m", "interp.cli", *j.argv], stdout=fh,
+                j.proc = subprocess.Popen(j.cmd, stdout=fh,
                                           stderr=subprocess.STDOUT, env=env, start_new_session=True)
                 fh.close()
                 j.seconds = now
@@ -172,6 +184,11 @@ def _stop(job: Job) -> None:
         job.proc.wait()
     except ProcessLookupError:
         pass
+
+
+def _cli(*argv: str) -> list[str]:
+    """``cnn-internals ARGV`` as a command for this Python."""
+    return [sys.executable, "-m", "interp.cli", *argv]
 
 
 def _tail(path: Path, n: int = 1) -> str:
@@ -292,7 +309,7 @@ def _train_jobs(args, out: Path, data: str, models, twins, cache: Path | None, w
                 argv += [flag, str(value)]
         if (d / "last.pt").is_file():
             argv.append("--resume")
-        job = Job(f"train {m}", argv, out / "logs" / f"train_{m}.log", d / f"{m}.json", d / "log.json")
+        job = Job(f"train {m}", _cli(*argv), out / "logs" / f"train_{m}.log", d / f"{m}.json", d / "log.json")
         if job.done.is_file():
             job.status = "done (earlier run)"
         jobs.append(job)
@@ -309,7 +326,7 @@ def _train_jobs(args, out: Path, data: str, models, twins, cache: Path | None, w
             argv += ["--train-limit", str(args.limit), "--val-limit", str(args.limit)]
         if (d / "last.pt").is_file():
             argv.append("--resume")
-        job = Job(f"finetune {t}", argv, out / "logs" / f"finetune_{_slug(t)}.log", d / "finetune.json",
+        job = Job(f"finetune {t}", _cli(*argv), out / "logs" / f"finetune_{_slug(t)}.log", d / "finetune.json",
                   d / "log.json")
         if job.done.is_file():
             job.status = "done (earlier run)"
@@ -351,8 +368,8 @@ def _panel_jobs(args, out: Path, data: str, models, twins, family) -> list[Job]:
             continue
         layers = ",".join(adapters.FIGURE_LAYERS[m])
         d = out / "panels" / m
-        jobs.append(Job(f"visualize {m}", ["visualize", m, "--weights", str(weights), "--layers", layers,
-                                            "--out", str(d), "--web", "webp", *common, *loaders],
+        jobs.append(Job(f"visualize {m}", _cli("visualize", m, "--weights", str(weights), "--layers", layers,
+                                               "--out", str(d), "--web", "webp", *common, *loaders),
                         out / "logs" / f"visualize_{m}.log", d / "gallery.json"))
     for t in twins:
         m = family[t]
@@ -362,8 +379,8 @@ def _panel_jobs(args, out: Path, data: str, models, twins, family) -> list[Job]:
             continue
         layers = ",".join(adapters.FIGURE_LAYERS[m])
         d = out / "compare" / f"{m}_vs_{_slug(t)}"
-        jobs.append(Job(f"compare {m} {t}", ["compare", m, t, "--weights-a", str(weights), "--weights-b", str(tuned),
-                                              "--layers", layers, "--out", str(d), *common],
+        jobs.append(Job(f"compare {m} {t}", _cli("compare", m, t, "--weights-a", str(weights), "--weights-b",
+                                                 str(tuned), "--layers", layers, "--out", str(d), *common),
                         out / "logs" / f"compare_{m}_{_slug(t)}.log", d / "compare.json"))
     return jobs
 

@@ -101,7 +101,8 @@ def report(result, stream=None, processes: int = 1) -> None:
     print(f"top-k:   {result.topk_path}", file=out)
     print(f"gallery: {result.index_path}  (open it in a browser; works from file://)", file=out)
     t = result.timings
-    print(f"time: mining {t['mining']:.1f} s, projection {t['projection']:.1f} s, "
+    print(f"time: mining {t['mining']:.1f} s, loading top images {t.get('loading', 0.0):.1f} s, "
+          f"projection {t['projection']:.1f} s, "
           f"drawing {t['drawing']:.1f} s, total {t['total']:.1f} s"
           + (f" ({processes} processes; projection and drawing: the busiest one's)" if processes > 1 else ""),
           file=out)
