@@ -122,14 +122,8 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
-def max_rel_diff(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    """Max over rows of ``max|ours - ref| / max|ref|`` (row 0-dim: the whole tensor).
-
-    Each row is one unit's projection; scaling by that row's largest
-    reference magnitude makes the number comparable across layers and avoids
-    dividing by the exact zeros a projection has outside its field. A row
-    whose reference is all zero is compared in absolute terms.
-    """
+def row_rel_diffs(ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Per row: ``max|ours - ref| / max|ref|`` (a 0-dim tensor is one row); see :func:`max_rel_diff`."""
     a = ours.detach().double().cpu()
     b = ref.detach().double().cpu()
     if a.shape != b.shape:
@@ -139,29 +133,49 @@ def max_rel_diff(ours: torch.Tensor, ref: torch.Tensor) -> float:
     a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
     scale = b.abs().amax(dim=1).clamp_min(1e-30)
     scale = torch.where(b.abs().amax(dim=1) > 0, scale, torch.ones_like(scale))
-    return float(((a - b).abs().amax(dim=1) / scale).max())
+    return (a - b).abs().amax(dim=1) / scale
 
 
-def check(diff: float | None, known_difference: str = "") -> tuple[str, str]:
-    """Status and note for a comparison: ``ok``, ``FAIL``, or ``note`` for a labelled rule difference."""
+def max_rel_diff(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """Max over rows of ``max|ours - ref| / max|ref|`` (row 0-dim: the whole tensor).
+
+    Each row is one unit's projection; scaling by that row's largest
+    reference magnitude makes the number comparable across layers and avoids
+    dividing by the exact zeros a projection has outside its field. A row
+    whose reference is all zero is compared in absolute terms.
+    """
+    return float(row_rel_diffs(ours, ref).max())
+
+
+def check(diff: float | None, known_difference: str = "", over: tuple[int, int] | None = None) -> tuple[str, str]:
+    """Status and note for a comparison: ``ok``, ``FAIL``, or ``note`` for a labelled rule difference.
+
+    ``over`` is ``(rows above the tolerance, rows)``, named in a failure's note:
+    a wrong rule shows in every unit, a near-tie (a max pool or ReLU mask
+    decided by a rounding difference) in a few.
+    """
     if diff is None:
         return "ok", ""
     if known_difference:
         return "note", known_difference
-    return ("ok", "") if diff <= TOLERANCE else ("FAIL", f"max rel diff {diff:.2e} > {TOLERANCE:.0e}")
+    if diff <= TOLERANCE:
+        return "ok", ""
+    where = f" in {over[0]} of {over[1]} units" if over is not None else ""
+    return "FAIL", f"max rel diff {diff:.2e} > {TOLERANCE:.0e}{where}"
 
 
 def rows_from_times(bench: str, case: str, times: dict, ours: str, diffs: dict | None = None,
-                    notes: dict | None = None) -> list[Row]:
+                    notes: dict | None = None, over: dict | None = None) -> list[Row]:
     """Build the rows of one case: ratios against ``ours`` and the difference checks."""
     diffs = diffs or {}
     notes = notes or {}
+    over = over or {}
     t_ours = median(times[ours])
     rows = []
     for name, ts in times.items():
         med = median(ts)
         diff = diffs.get(name)
-        status, note = check(diff, notes.get(name, ""))
+        status, note = check(diff, notes.get(name, ""), over.get(name))
         rows.append(Row(bench=bench, case=case, impl=name, median_s=med, times_s=[round(t, 5) for t in ts],
                         ratio=None if name == ours else t_ours / med, max_rel_diff=diff,
                         status=status, note=note))

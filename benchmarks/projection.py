@@ -173,7 +173,8 @@ def run_case(model_name: str, layer: str, method: str, device: torch.device, s: 
              zennit: bool = True, model: nn.Module | None = None) -> list[Row]:
     """Time and compare every candidate on one (model, layer, method)."""
     import interp
-    from .common import max_rel_diff
+    from . import common
+    from .common import row_rel_diffs
 
     if model is None:
         model = build_torchvision(model_name, s.seed)
@@ -196,11 +197,13 @@ def run_case(model_name: str, layer: str, method: str, device: torch.device, s: 
                            s.repeats_naive, warmup=lambda: naive_per_unit(hooked, layer, images, units[:1], method)))
     times, results = time_interleaved(cands, device)
     ours = results["ours"]
-    diffs = {name: max_rel_diff(ours, res) for name, res in results.items() if name != "ours"}
+    per_row = {name: row_rel_diffs(ours, res) for name, res in results.items() if name != "ours"}
+    diffs = {name: float(r.max()) for name, r in per_row.items()}
+    over = {name: (int((r > common.TOLERANCE).sum()), len(r)) for name, r in per_row.items()}
     gap = KNOWN_RULE_GAPS.get(model_name, "") if method != "gradient" else ""
     notes = {name: gap for name in diffs if gap and name in ("captum per-unit", "zennit batched")}
     case = f"{model_name} {layer} {method} ({len(units)} units, {s.size}px)"
-    return rows_from_times("projection", case, times, "ours", diffs, notes)
+    return rows_from_times("projection", case, times, "ours", diffs, notes, over)
 
 
 def run(device: torch.device, quick: bool = False, cases=None, methods=None, settings: Settings | None = None,

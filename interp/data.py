@@ -199,6 +199,11 @@ class IndexedImages(torch.utils.data.Dataset):
         if self._display is not None:
             shown = _to_float_image(self._display(img))
             if shown.shape[:2] == (h, w):
+                if shown.max() > 2.0:
+                    # A float pipeline on the 0..255 scale (TF-style preprocessing that
+                    # normalises with mean/std 128 without scaling to [0, 1] first);
+                    # an image in [0, 1] overshoots 1 only slightly when resized.
+                    shown = shown / 255.0
                 return np.clip(shown, 0.0, 1.0)
         # Fallback: same geometry as the model input, rescaled to [0, 1]
         # (used when the preprocess is an opaque callable).

@@ -385,7 +385,9 @@ def _in_channels(model: nn.Module, order: list[str]) -> int:
 def _dummy(model: nn.Module, input_size, in_channels: int | None, order: list[str], meta: bool = False) -> torch.Tensor:
     h, w = _pair(input_size)
     c = in_channels if in_channels is not None else _in_channels(model, order)
-    return torch.zeros(1, c, h, w, device="meta" if meta else model_device(model))
+    # The model's own floating dtype: a float64 model refuses a float32 probe.
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
+    return torch.zeros(1, c, h, w, device="meta" if meta else model_device(model), dtype=dtype)
 
 
 def _to_public(layer: str, f: _F, notes: list[str], input_size, output_size, exact: bool) -> ReceptiveField:

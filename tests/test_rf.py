@@ -192,3 +192,13 @@ def test_untraceable_model_falls_back_with_note():
         rf = interp.receptive_field(model, "b", (16, 16))
     assert (rf.size, rf.stride, rf.offset, rf.exact) == ((5, 5), (2, 2), (0, 0), False)
     assert interp.layers(model) == ["a", "b"]
+
+
+def test_float64_model_gets_its_field():
+    import torchvision
+
+    from interp.rf import receptive_field
+
+    model = torchvision.models.vgg11(weights=None).double()
+    rf = receptive_field(model, "features.3", (64, 64))  # conv3 -> pool2/2 -> conv3: 8 px
+    assert rf.size == (8, 8) and rf.stride == (2, 2) and rf.exact

@@ -118,6 +118,14 @@ def test_raw_images_are_unnormalised_model_geometry(tmp_path):
     assert idx == 1 and raw.shape == (32, 32, 3)
     np.testing.assert_allclose(raw, (x.permute(1, 2, 0).numpy() * 0.25 + 0.5).clip(0, 1), atol=1e-5)
     assert ds.path(1).endswith(".JPEG")
+    # TF-style: normalised on the 0..255 scale (the TFLite/Keras twins); shown in [0, 1] all the same.
+    tf_pre = T.Compose([T.ToImage(), T.Resize(40, antialias=True), T.CenterCrop(32),
+                        T.ToDtype(torch.float32, scale=False), T.Normalize([128.0] * 3, [128.0] * 3)])
+    tf_ds = open_images(data_dir, tf_pre)
+    x_tf, _ = tf_ds[1]
+    np.testing.assert_allclose(tf_ds.raw(1), (x_tf.permute(1, 2, 0).numpy() * 128 + 128) / 255, atol=1e-5)
+    np.testing.assert_allclose(tf_ds.raw(1), raw_unnorm := ds.raw(1), atol=2e-3)  # the same picture
+    assert raw_unnorm.max() <= 1.0
 
 
 def test_corrupt_image_is_named_and_can_be_skipped(tmp_path, capsys):

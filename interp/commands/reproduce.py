@@ -268,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
 
         write_atomic(out / "results.json", json.dumps(results, indent=1) + "\n")
         table = results_markdown(results)
-        write_atomic(out / "results.md", table + "\n")
+        write_atomic(out / "results.md", table + "\n\n" + panels_markdown(out) + "\n")
         say(table)
         say(f"wrote {out / 'results.json'} and {out / 'results.md'}")
     failed = [j for j in jobs if j.status.startswith("failed")]
@@ -446,4 +446,51 @@ def results_markdown(results: dict[str, Any]) -> str:
             f"| {r['model']} | {r['kind']} | {r['status']} | {r['epochs']} | {_pct(r['val_top1'])} | "
             f"{_pct(r['best_val_top1'])} ({r['best_epoch']}) | {_pct(r['val_top5'])} | {_pct(r['target_top1'])} | "
             f"{met} | {r['minutes']:.1f} |")
+    return "\n".join(lines)
+
+
+def panels_markdown(out: Path) -> str:
+    """A markdown gallery of every panel under ``out`` (links relative to ``out``).
+
+    Per model the original's layers in their order (``panels/MODEL/*``, the
+    web copy where there is one), then each comparison: its CKA heatmap and
+    side-by-side panels.
+    """
+    import re
+
+    def images(folder: Path, pattern: str) -> list[Path]:
+        found = {p.stem: p for p in folder.glob(pattern + ".png")}
+        found.update({p.stem: p for p in folder.glob(pattern + ".webp")})  # the web copy wins
+        # Network order: the conv number visualize recorded in gallery.json (panel file
+        # names hold module names, e.g. inception3a.branch1.conv for conv4), else convN.
+        number: dict[str, int] = {}
+        try:
+            for layer in json.loads((folder / "gallery.json").read_text()).get("layers", []):
+                for name in dict(layer.get("panels") or {}).values():
+                    number[Path(str(name)).stem] = int(layer.get("number") or 0)
+        except (OSError, ValueError, TypeError):
+            pass
+
+        def order(p: Path) -> tuple:
+            m = re.search(r"conv(\d+)_", p.name)
+            return (number.get(p.stem, int(m.group(1)) if m else 10**6), p.name)
+
+        return sorted(found.values(), key=order)
+
+    lines = ["## Panels", ""]
+    for folder in sorted((out / "panels").glob("*")):
+        pics = images(folder, "*")
+        if not pics:
+            continue
+        lines += [f"### {folder.name}", ""]
+        lines += [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in pics] + [""]
+    for folder in sorted((out / "compare").glob("*")):
+        pics = images(folder, "compare_*")
+        cka = folder / "cka.png"
+        if not pics and not cka.is_file():
+            continue
+        lines += [f"### {folder.name.replace('_vs_', ' vs ')}", ""]
+        if cka.is_file():
+            lines.append(f"![linear CKA]({cka.relative_to(out).as_posix()})")
+        lines += [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in pics] + [""]
     return "\n".join(lines)
