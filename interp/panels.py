@@ -125,8 +125,23 @@ def normalise_tile(tile: np.ndarray, mask: np.ndarray | None = None, pad: float 
 
 
 def _layer_title(topk: TopK, layer: str) -> str:
+    """``Layer N (convN)`` as the original titles its figures.
+
+    A layer whose own name is ``convN`` keeps that N (ResNet-18's names skip
+    the projection shortcuts, so its ``conv8`` is the 9th conv called);
+    another name gets the ``convN`` alias that reaches it, N-th conv in
+    forward order: ``Layer 4 (conv4: inception3a.branch1.conv)``.
+    """
+    import re
+
     info = topk.layer(layer)
-    base = f"Layer {info.number} ({layer})" if info.number is not None else layer
+    own = re.fullmatch(r"conv(\d+)", layer)
+    if own:
+        base = f"Layer {int(own.group(1))} ({layer})"
+    elif info.number is not None:
+        base = f"Layer {info.number} (conv{info.number}: {layer})"
+    else:
+        base = layer
     if topk.n_images < topk.k:
         base += f" - only {topk.n_images} image{'s' if topk.n_images != 1 else ''}, fewer than top-{topk.k}"
     return base

@@ -129,3 +129,19 @@ def test_fewer_images_than_k_gives_fewer_tiles_and_says_so():
     assert [len(r) for r in tiles.proj] == [4] * 6
     assert tiles.title == "Layer 2 (conv2) - only 4 images, fewer than top-9"
     interp.panel(tk, "conv2", proj, data.raw)  # draws with empty slots
+
+
+def test_titles_follow_the_originals_numbering():
+    """ResNet-18's conv8 is the 9th conv called (shortcuts in between): still "Layer 8 (conv8)";
+    an aliased layer names its alias and module."""
+    import adapters
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    model, _ = adapters.load("resnet18")
+    tk = interp.mine(model, x, ["conv8"], channels=[0], k=1, progress=False)
+    assert tk.layer("conv8").number == 9 and interp.panels._layer_title(tk, "conv8") == "Layer 8 (conv8)"
+    model, _ = adapters.load("inception")
+    tk = interp.mine(model, x, ["conv4"], channels=[0], k=1, progress=False)
+    (name,) = tk.layers
+    assert interp.panels._layer_title(tk, name) == f"Layer 4 (conv4: {name})" and name != "conv4"

@@ -112,6 +112,22 @@ def test_tiny_run_end_to_end_and_resume(tmp_path, data_root):
                                                                    "conv13"))
     assert len(list((out / "panels" / "resnet18").glob("*.webp"))) == 6
     assert (out / "results.md").read_text().count("| resnet18 |") == 1
+    assert "## Panels" in (out / "results.md").read_text()
+    # The GPU script's bundle: few files, each small, the numbers and the web panels inside.
+    dest = tmp_path / "bundle"
+    res_b = subprocess.run(["bash", str(ROOT / "examples" / "gpu_train_all.sh"), "bundle", str(out), str(dest)],
+                           capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res_b.returncode == 0, res_b.stderr[-2000:]
+    files = sorted(p.name for p in dest.iterdir())
+    assert files == ["images.tar", "results.tgz"]  # ResNet-18 in fp16 is 22 MB: over the 15 MB a file may have
+    assert all((dest / f).stat().st_size < 15 * 2**20 for f in files)
+    import tarfile
+
+    with tarfile.open(dest / "results.tgz") as tar:
+        names = tar.getnames()
+    assert "results.json" in names and "train/resnet18/log.json" in names and "logs/train_resnet18.log" in names
+    with tarfile.open(dest / "images.tar") as tar:
+        assert len([n for n in tar.getnames() if n.endswith(".webp")]) == 6
     # Again: the training is complete, so nothing trains; panels are redrawn from the final weights.
     res2 = subprocess.run(argv + ["--stages", "train,report"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert res2.returncode == 0, res2.stderr[-2000:]

@@ -160,7 +160,7 @@ def test_fewer_images_than_top(tmp_path):
     assert main(["visualize", spec, "--data", str(data), "--top", "9", "--layers", "features.3",
                  "--out", str(tmp_path / "out")]) == 0
     manifest = json.loads((tmp_path / "out" / "gallery.json").read_text())
-    assert manifest["layers"][0]["title"] == "Layer 2 (features.3) - only 2 images, fewer than top-9"
+    assert manifest["layers"][0]["title"] == "Layer 2 (conv2: features.3) - only 2 images, fewer than top-9"
     assert all(len(ch["tiles"]) == 2 for ch in manifest["layers"][0]["channels"])
 
 
