@@ -103,7 +103,7 @@ def _full_run(main, args, out, capsys):
     assert main(args + ["--stop-after", "1"]) == 0
     first = capsys.readouterr().out
     assert "epoch 1/2" in first and "stopped after epoch 1/2" in first
-    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "log.json"]  # not complete: no export yet
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "log.json", "probe.json"]  # no export yet
     assert main(args + ["--resume"]) == 0
     again = capsys.readouterr().out
     assert "resuming from" in again and "1/2 epochs done" in again and "epoch 2/2" in again

@@ -147,11 +147,18 @@ def _run(args: argparse.Namespace, device) -> int:
     }
     if args.full:
         head = None
+        probe_file = out / "probe.json"
         if args.head_init == "probe" and not (args.resume and (out / "last.pt").is_file()):
             # Linear probe first: the full fine-tune then starts from a trained head.
             head = _probe(args, model, model_id, train, val, device, report)
             if head is not None:
                 _print_probe(args, report)
+                from interp._io import write_atomic
+
+                # Kept beside the checkpoints: a resumed session skips the probe but reports it.
+                write_atomic(probe_file, json.dumps(report, indent=1) + "\n")
+        elif args.resume and probe_file.is_file():
+            report.update({k: v for k, v in json.loads(probe_file.read_text()).items() if k not in report})
         return _full(args, device, model, model_id, train, val, out, report, t_start, head)
     head = _probe(args, model, model_id, train, val, device, report)
     if head is None:
@@ -223,7 +230,8 @@ def _full(args, device, model, model_id: str, train, val, out: Path, report: dic
     lr = 1e-4 if args.lr is None else args.lr
     spec = ft.full_setup(model, train, val, epochs=args.epochs, batch_size=args.batch_size, lr=lr,
                          weight_decay=args.weight_decay, seed=args.seed, head=head, frozen_bn=not args.train_bn)
-    spec.extra["head_init"] = "linear probe" if head is not None else "random"
+    # From the flag, not from ``head``: a resumed run skips the probe, its head is in the checkpoint.
+    spec.extra["head_init"] = "linear probe" if args.head_init == "probe" else "random"
     world = dist.world()[1]
     say(f"fine-tuning all weights of {args.model}: {args.epochs} epochs, batch {args.batch_size}"
         + (f" over {world} processes" if world > 1 else "") + f", AdamW lr {lr:g} cosine, "
