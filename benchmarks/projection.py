@@ -64,6 +64,7 @@ class Settings:
     repeats_baseline: int = 3
     repeats_naive: int = 2
     seed: int = 0
+    dtype: str = "float32"  # "float64": every candidate in double precision (near-ties of fp32 vanish)
 
 
 FULL = Settings()
@@ -178,10 +179,11 @@ def run_case(model_name: str, layer: str, method: str, device: torch.device, s: 
 
     if model is None:
         model = build_torchvision(model_name, s.seed)
-    model = model.to(device).eval()
+    dtype = getattr(torch, s.dtype)
+    model = model.to(device=device, dtype=dtype).eval()
     for p in model.parameters():
         p.requires_grad_(False)  # inference only: nobody should pay for weight gradients
-    images = torch.randn(s.images, 3, s.size, s.size, generator=seeded(s.seed + 1)).to(device)
+    images = torch.randn(s.images, 3, s.size, s.size, generator=seeded(s.seed + 1)).to(device=device, dtype=dtype)
     units = make_units(model, layer, images, s.channels)
     hooked = no_inplace_copy(model)
 
@@ -202,7 +204,8 @@ def run_case(model_name: str, layer: str, method: str, device: torch.device, s: 
     over = {name: (int((r > common.TOLERANCE).sum()), len(r)) for name, r in per_row.items()}
     gap = KNOWN_RULE_GAPS.get(model_name, "") if method != "gradient" else ""
     notes = {name: gap for name in diffs if gap and name in ("captum per-unit", "zennit batched")}
-    case = f"{model_name} {layer} {method} ({len(units)} units, {s.size}px)"
+    case = f"{model_name} {layer} {method} ({len(units)} units, {s.size}px" + (
+        f", {s.dtype})" if s.dtype != "float32" else ")")
     return rows_from_times("projection", case, times, "ours", diffs, notes, over)
 
 

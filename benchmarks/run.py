@@ -51,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--workers", type=int, default=0,
                    help="end to end: DataLoader workers decoding the images, for both pipelines (default 0)")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                   help="projection: compute every candidate in this precision (float64 tells a wrong rule "
+                        "from an fp32 near-tie: see RESULTS.md)")
     p.add_argument("--tf32", action="store_true",
                    help="CUDA: allow TF32 convolutions/matmuls (default off: true fp32, results checked to 1e-5; "
                         "with --tf32 to 1e-2)")
@@ -125,6 +128,7 @@ def run_suite(args: argparse.Namespace, log: Callable[[str], None] = print,
             ps = projection.QUICK if args.quick else projection.FULL
             if args.repeats is not None:
                 ps = replace(ps, repeats_baseline=args.repeats, repeats_naive=max(1, args.repeats // 2))
+            ps = replace(ps, dtype=getattr(args, "dtype", "float32"))
             rows = projection.run(device, args.quick, cases=cases, methods=methods, settings=ps, log=log)
             table = markdown(rows, "Projection (54 units = 6 channels x 9 images)")
         elif name == "mining":

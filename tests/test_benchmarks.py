@@ -6,6 +6,7 @@ a plain ReLU network, and that a wrong result really fails the run.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import projection, run  # noqa: E402
-from benchmarks.common import TOLERANCE, as_json, markdown, max_rel_diff  # noqa: E402
+from benchmarks.common import TOLERANCE, as_json, check, markdown, max_rel_diff  # noqa: E402
 
 IMPLS = {"ours", "captum per-unit", "zennit batched", "naive per-unit"}
 
@@ -51,6 +52,18 @@ def test_projection_case_rows_agree():
     assert table.count("\n| tiny 2 guided (6 units, 32px) |") == len(IMPLS)
     doc = json.loads(json.dumps(as_json(rows)))
     assert {"bench", "case", "impl", "median_s", "ratio", "speedup", "max_rel_diff", "status"} <= set(doc[0])
+
+
+def test_projection_case_in_float64():
+    rows = projection.run_case("tiny", "2", "deconvnet", torch.device("cpu"), replace(SMALL, dtype="float64"),
+                               model=tiny())
+    assert all(r.case == "tiny 2 deconvnet (6 units, 32px, float64)" for r in rows)
+    assert all(r.status == "ok" and (r.max_rel_diff or 0.0) < 1e-12 for r in rows)
+
+
+def test_failing_row_names_its_units():
+    status, note = check(2e-3, over=(1, 54))
+    assert status == "FAIL" and note == "max rel diff 2.00e-03 > 1e-05 in 1 of 54 units"
 
 
 def test_max_rel_diff_is_per_row_relative():
