@@ -3,6 +3,7 @@
 # twins, draw the original's panels and the scratch-vs-pretrained comparisons,
 # on one GPU machine -- and pack the results small enough to bring back.
 #
+#   examples/gpu_train_all.sh pack DATA DEST [MiB]   # DATA's Imagenette + twin weights as pieces of <= MiB (55)
 #   examples/gpu_train_all.sh stage PIECE.tgz DATA   # unpack one data piece into DATA (repeatable)
 #   examples/gpu_train_all.sh run DATA OUT [DEADLINE_S]
 #   examples/gpu_train_all.sh bundle OUT DEST        # <= 8 files, each < 16 MB, into DEST
@@ -12,16 +13,56 @@
 # many seconds, so the panels of what exists still get drawn.
 #
 # Data that cannot travel in one piece (a machine reached over a size-limited
-# transfer): pack Imagenette into pieces, e.g. with
-#   tar -cf - -C ../shared/data -T list_a | gzip -1 > a.tgz
-# and `stage` each piece into the same DATA folder as it arrives.
+# transfer): `pack` writes DEST/piece0.tgz, piece1.tgz, ... (val and the twins'
+# weight files in the first, then the training images), and `stage` unpacks each
+# piece into the same DATA folder as it arrives.
 set -euo pipefail
 
-cmd=${1:?usage: $0 stage|run|bundle ...}
+cmd=${1:?usage: $0 pack|stage|run|bundle ...}
 shift
 py=${PYTHON:-python3}
 
 case "$cmd" in
+pack)
+    data=${1:?pack DATA DEST [MiB]}
+    dest=${2:?pack DATA DEST [MiB]}
+    mib=${3:-55}
+    mkdir -p "$dest"
+    "$py" - "$data" "$dest" "$mib" <<'EOF'
+import gzip, sys, tarfile
+from pathlib import Path
+
+data, dest, limit = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3]) * 2**20
+weights = ["weights/tflite/mobilenet_v1_1.0_224_quant_embedding_extractor.tflite",
+           "weights/tflite/mobilenet_quant_v1_224_head_layers.tflite",
+           "weights/keras/mobilenet_2_5_224_tf_no_top.h5", "weights/tflite/imagenet_labels.txt"]
+files = [w for w in weights if (data / w).is_file()]
+for split in ("val", "train"):  # val first: the first piece alone serves the benchmarks
+    files += sorted(str(p.relative_to(data)) for p in (data / "imagenette2-160" / split).rglob("*") if p.is_file())
+# Pieces are cut by their real compressed size: a new one starts when this one is 1 MiB short of
+# the limit (gzip's buffer is far smaller than that).
+piece, raw, gz, tar = -1, None, None, None
+
+
+def close():
+    if tar is not None:
+        tar.close(); gz.close(); raw.close()
+        print(f"{raw.name}: {count} files, {Path(raw.name).stat().st_size / 2**20:.1f} MiB")
+
+
+count = 0
+for f in files:
+    if tar is None or raw.tell() > limit - 2**20:
+        close()
+        piece, count = piece + 1, 0
+        raw = open(dest / f"piece{piece}.tgz", "wb")
+        gz = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1)
+        tar = tarfile.open(fileobj=gz, mode="w")
+    tar.add(data / f, arcname=f)
+    count += 1
+close()
+EOF
+    ;;
 stage)
     piece=${1:?stage PIECE.tgz DATA}
     data=${2:?stage PIECE.tgz DATA}
@@ -88,7 +129,7 @@ for f in sorted(dest.iterdir()):
 EOF
     ;;
 *)
-    echo "unknown command $cmd; use stage, run or bundle" >&2
+    echo "unknown command $cmd; use pack, stage, run or bundle" >&2
     exit 2
     ;;
 esac

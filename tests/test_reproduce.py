@@ -132,3 +132,27 @@ def test_tiny_run_end_to_end_and_resume(tmp_path, data_root):
     res2 = subprocess.run(argv + ["--stages", "train,report"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert res2.returncode == 0, res2.stderr[-2000:]
     assert "0 job(s) to run (1 already complete)" in res2.stdout
+
+
+def test_gpu_script_packs_pieces_under_the_limit_and_stages_them_back(tmp_path):
+    """`pack` cuts the data into pieces by their real (compressed) size; `stage` puts them back together."""
+    data = tmp_path / "data"
+    rng = __import__("random").Random(0)
+    for split, n in (("val", 6), ("train", 14)):
+        d = data / "imagenette2-160" / split / "n01440764"
+        d.mkdir(parents=True)
+        for i in range(n):  # incompressible, like JPEG
+            (d / f"{i}.JPEG").write_bytes(bytes(rng.getrandbits(8) for _ in range(200_000)))
+    script = str(ROOT / "examples" / "gpu_train_all.sh")
+    res = subprocess.run(["bash", script, "pack", str(data), str(tmp_path / "pieces"), "1.5"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    pieces = sorted((tmp_path / "pieces").glob("piece*.tgz"))
+    assert len(pieces) >= 3 and all(p.stat().st_size <= 1.5 * 2**20 for p in pieces)
+    for p in pieces:
+        assert subprocess.run(["bash", script, "stage", str(p), str(tmp_path / "staged")], capture_output=True,
+                              timeout=60).returncode == 0
+    for f in data.rglob("*.JPEG"):
+        g = tmp_path / "staged" / f.relative_to(data)
+        assert g.read_bytes() == f.read_bytes()
+    assert sum(1 for _ in (tmp_path / "staged").rglob("*.JPEG")) == 20
