@@ -23,7 +23,9 @@ gradients), so the output files are byte-identical to a single-process run.
 """
 from __future__ import annotations
 
+import os
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,27 +201,46 @@ def visualize(
     from tqdm.auto import tqdm
 
     def run_jobs(done) -> dict:
-        """This rank's share of the jobs; ``done(job)`` receives each result."""
+        """This rank's share of the jobs; ``done(job)`` receives each result, in job order.
+
+        Projection runs here; drawing and encoding run in a few threads
+        (PIL and zlib release the GIL), so a layer's panel is drawn while the
+        next layer is projected. ``drawing`` is the wall time not spent loading
+        or projecting, so the timings still add up to the total.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
         spent = {"loading": 0.0, "projection": 0.0, "drawing": 0.0}
         encoded: set[int] = set()  # input images this rank has already encoded
+        lock = threading.Lock()  # guards ``encoded``: each input's bytes go with exactly one job
         loaded: tuple = (None, None)  # (layer, its images): reused by the layer's next method
+        pending: list = []
+        workers = _draw_threads()
+        t_loop = time.perf_counter()
         with eval_mode(model), on_device(model, device) as dev, \
                 tqdm(total=len(jobs), desc="projecting + drawing", unit="panel", leave=False,
-                     disable=not progress or (spread and not dist.is_main())) as bar:
+                     disable=not progress or (spread and not dist.is_main())) as bar, \
+                ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cnn-internals-draw") as pool:
             for j in dist.work_queue(len(jobs)) if spread else range(len(jobs)):
                 name, method = jobs[j]
                 if loaded[0] != name:
                     t0 = time.perf_counter()
                     loaded = (name, _load_layer(data, topk, name, dev))
                     spent["loading"] += time.perf_counter() - t0
-                job = _draw_job(model, data, topk, name, method, loaded=loaded[1],
-                                tiles_too=method == methods[0], encoded=encoded, web=web,
-                                project_batch_size=project_batch_size)
-                spent["projection"] += job.pop("t_project")
-                spent["drawing"] += job.pop("t_draw")
-                done(job)
+                xs, units, raws = loaded[1]
+                t0 = time.perf_counter()
+                proj = _project_job(model, xs, name, units, method, project_batch_size)
+                spent["projection"] += time.perf_counter() - t0
+                pending.append(pool.submit(_render_job, data, topk, name, method, proj, raws,
+                                           tiles_too=method == methods[0], encoded=encoded, lock=lock, web=web))
+                # Hand finished jobs over in order; keep at most a few panels in flight (memory).
+                while pending and (pending[0].done() or len(pending) > 2 * workers):
+                    done(pending.pop(0).result())
                 # Jobs handed out so far, over all ranks (rank 0 does only some of them).
                 bar.update(max(0, j + 1 - bar.n))
+            while pending:
+                done(pending.pop(0).result())
+        spent["drawing"] = time.perf_counter() - t_loop - spent["loading"] - spent["projection"]
         return spent
 
     if not spread:
@@ -269,23 +290,29 @@ def _load_layer(data: IndexedImages, topk: TopK, name: str, dev: torch.device) -
     return xs, units, raws
 
 
-def _draw_job(model: nn.Module, data: IndexedImages, topk: TopK, name: str, method: str, *, loaded: tuple,
-              tiles_too: bool, encoded: set[int], web: str | None, project_batch_size: int | None) -> dict:
-    """Project one layer's units with one method; return its panel and gallery tiles, encoded.
+def _draw_threads() -> int:
+    """Drawing threads: half the CPUs (the other half feeds torch), 1 to 4."""
+    return max(1, min(4, (os.cpu_count() or 1) // 2))
+
+
+def _project_job(model: nn.Module, xs: torch.Tensor, name: str, units, method: str,
+                 project_batch_size: int | None) -> torch.Tensor:
+    """One layer's units projected with one method, on the CPU (ready for drawing)."""
+    from .project import project
+
+    return project(model, xs, name, units, method=method, batch_size=project_batch_size).cpu()
+
+
+def _render_job(data: IndexedImages, topk: TopK, name: str, method: str, proj: torch.Tensor, raws: dict, *,
+                tiles_too: bool, encoded: set[int], lock: threading.Lock, web: str | None) -> dict:
+    """One layer's panel and gallery tiles for one method, encoded (thread-safe).
 
     The result holds bytes, not files, so that any rank can do the work and
     rank 0 write it. ``tiles_too`` (the job of the layer's first method) adds
     what does not depend on the method: crops, the input images not yet in
-    ``encoded``, and the tiles' metadata.
+    ``encoded`` (claimed under ``lock``), and the tiles' metadata.
     """
-    from .project import project
-
-    xs, units, raws = loaded
-    t0 = time.perf_counter()
-    proj = project(model, xs, name, units, method=method, batch_size=project_batch_size)
-    t_project = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    tiles = panel_tiles(topk, name, proj.cpu(), raws)
+    tiles = panel_tiles(topk, name, proj, raws)
     fig = render_panel(tiles, method=method)
     job: dict = {
         "name": name, "method": method, "channels": list(tiles.channels),
@@ -297,16 +324,17 @@ def _draw_job(model: nn.Module, data: IndexedImages, topk: TopK, name: str, meth
         for b in range(len(tiles.channels)):
             row = []
             for r, e in enumerate(tiles.entries[b]):
-                if e.index not in encoded:
-                    job["inputs"][e.index] = _tile_bytes(raws[e.index], max_px=None)
+                with lock:
+                    mine = e.index not in encoded
                     encoded.add(e.index)
+                if mine:
+                    job["inputs"][e.index] = _tile_bytes(raws[e.index], max_px=None)
                 row.append({
                     "rank": r, "index": e.index, "y": e.y, "x": e.x, "value": e.value,
                     "label": data.describe(e.index), "box": list(tiles.boxes[b][r]),
                     "crop": _tile_bytes(tiles.crops[b][r]),
                 })
             job["tiles"].append(row)
-    job["t_project"], job["t_draw"] = t_project, time.perf_counter() - t0
     return job
 
 
