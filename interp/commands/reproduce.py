@@ -54,7 +54,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "or $CNN_INTERNALS_DATA")
     p.add_argument("--out", default="out/reproduce", help="output folder (default out/reproduce)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default: cpu")
-    p.add_argument("--models", default=",".join(MODELS), help=f"from-scratch models (default: {','.join(MODELS)})")
+    p.add_argument("--models", default=",".join(MODELS),
+                   help=f"from-scratch models, or 'none' (default: {','.join(MODELS)})")
     p.add_argument("--twins", default=",".join(DEFAULT_TWINS),
                    help="pretrained twins to fine-tune fully, or 'none' (default: the two MobileNet v1 twins whose "
                         "weights are in shared/data/weights)")
