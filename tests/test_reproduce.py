@@ -36,6 +36,7 @@ def test_run_jobs_statuses_and_deadline(tmp_path):
     assert crash.status == "failed (exit 3)"
     assert silent.status == "failed (exit 0)"
     assert slow.status == "stopped at deadline" and slow.proc.poll() is not None  # no orphan left running
+    assert 3 < slow.seconds < 30  # how long it ran, not when it started
     assert later.status == "done"  # started once "ok" finished, well before the deadline
     assert "fine" in ok.log.read_text()
     assert any("slow: stopped at the deadline" in s for s in said)

@@ -140,6 +140,7 @@ def run_jobs(jobs: list[Job], parallel: int, deadline: float | None, say=print, 
             if deadline is not None and now >= deadline:
                 for j in running:
                     _stop(j)
+                    j.seconds = time.monotonic() - j.seconds
                     j.status = "stopped at deadline"
                     say(f"  {j.name}: stopped at the deadline ({_epochs_done(j) or 'no epoch done'})")
                 for j in pending:
@@ -243,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     data = args.data or os.environ.get("CNN_INTERNALS_DATA") or str(Path("../shared/data"))
     workers = args.workers or min(16, os.cpu_count() or 1)
-    parallel = args.parallel or (len(models) + len(twins) if args.device == "cuda" else 1)
+    parallel = args.parallel or (max(1, len(models) + len(twins)) if args.device == "cuda" else 1)
     t0 = time.monotonic()
     deadline = None if args.deadline is None else t0 + args.deadline
     say = lambda msg: print(msg, flush=True)  # noqa: E731
