@@ -32,6 +32,25 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return obj
 
 
+def load_into(model: torch.nn.Module, weights: str | os.PathLike, name: str,
+              state: dict[str, torch.Tensor] | None = None) -> None:
+    """Load the state dict in file ``weights`` (or ``state``, already read from it) into ``model``.
+
+    Raises
+    ------
+    ValueError
+        One line, ``"<weights> does not fit <name>: <torch's first lines>"``,
+        when keys or shapes do not match.
+    """
+    if state is None:
+        state = load_state_dict(weights)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        detail = " ".join(line.strip() for line in str(exc).strip().splitlines()[:3])
+        raise ValueError(f"{weights} does not fit {name}: {detail}") from exc
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename.
 

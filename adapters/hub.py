@@ -36,7 +36,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from .checkpoint import load_state_dict
+from .checkpoint import load_into, load_state_dict
 
 __all__ = [
     "load",
@@ -82,15 +82,6 @@ def hf_hub_cache_dir() -> Path:
 def _is_path(weights: str | os.PathLike) -> bool:
     text = str(weights)
     return isinstance(weights, os.PathLike) or text.endswith((".pth", ".pt", ".safetensors", ".bin")) or os.sep in text
-
-
-def _load_local(model: torch.nn.Module, path: str | os.PathLike, name: str) -> None:
-    state = load_state_dict(path)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        detail = " ".join(line.strip() for line in str(exc).strip().splitlines()[:3])
-        raise ValueError(f"{path} does not fit {name}: {detail}") from exc
 
 
 # -- torchvision -----------------------------------------------------------
@@ -207,7 +198,7 @@ def _load_torchvision(arch: str, weights, offline: bool, kwargs: dict) -> tuple[
     else:
         model = torchvision.models.get_model(arch, weights=None, **kwargs)
         if weights is not None:
-            _load_local(model, weights, f"torchvision:{arch}")
+            load_into(model, weights, f"torchvision:{arch}")
         # The default weights' transform: how the architecture is fed in torchvision.
         preprocess = _compose_of(enum.DEFAULT.transforms()) if enum is not None else _default_preprocess()
     model.eval()
@@ -385,7 +376,7 @@ def _load_timm(arch: str, weights, offline: bool, kwargs: dict) -> tuple[torch.n
     else:
         model = timm.create_model(arch, pretrained=False, **kwargs)
         if weights is not None:
-            _load_local(model, weights, f"timm:{arch}")
+            load_into(model, weights, f"timm:{arch}")
     model.eval()
     return model, _timm_preprocess(model)
 

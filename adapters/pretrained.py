@@ -268,6 +268,17 @@ def keras_preprocess(size: int = 224) -> Callable:
     ])
 
 
+def _twin_from_state(weights: str | os.PathLike, build: Callable[[int], nn.Module], default_classes: int,
+                     name: str) -> nn.Module:
+    """A MobileNet v1 twin from a state-dict file, its ``fc`` as wide as the file's (e.g. 10 after fine-tuning)."""
+    from .checkpoint import load_into, load_state_dict
+
+    state = load_state_dict(weights)
+    model = build(int(state["fc.weight"].shape[0]) if "fc.weight" in state else default_classes)
+    load_into(model, weights, name, state)
+    return model.eval()
+
+
 def load_mobilenet_v1_025_keras(
     weights: str | os.PathLike | None = None, num_classes: int = 10, **kwargs
 ) -> tuple[nn.Module, Callable]:
@@ -285,16 +296,9 @@ def load_mobilenet_v1_025_keras(
     if kwargs:
         raise ValueError(f"pretrained:mobilenet_v1_025_keras takes no options {', '.join(kwargs)}")
     if weights is not None and not str(weights).endswith((".h5", ".hdf5")):
-        from .checkpoint import load_state_dict
-
-        state = load_state_dict(weights)
-        model = keras_mobilenet_v1(None, num_classes=int(state["fc.weight"].shape[0]) if "fc.weight" in state else num_classes)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
-            detail = " ".join(line.strip() for line in str(exc).strip().splitlines()[:3])
-            raise ValueError(f"{weights} does not fit pretrained:mobilenet_v1_025_keras: {detail}") from exc
-        return model.eval(), keras_preprocess()
+        model = _twin_from_state(weights, lambda n: keras_mobilenet_v1(None, num_classes=n), num_classes,
+                                 "pretrained:mobilenet_v1_025_keras")
+        return model, keras_preprocess()
     return keras_mobilenet_v1(weights, num_classes=num_classes), keras_preprocess()
 
 
@@ -434,14 +438,14 @@ def load_mobilenet_v2_int8(weights: str | os.PathLike | None = None, **kwargs) -
     if weights is not None and str(weights).endswith((".safetensors", ".pth")):
         import torchvision
 
-        from .hub import _load_local
+        from .checkpoint import load_into
 
         model = torchvision.models.mobilenet_v2(weights=None, num_classes=1000)
         for parent in model.modules():
             for name, child in parent.named_children():
                 if isinstance(child, nn.ReLU6):
                     setattr(parent, name, nn.ReLU())
-        _load_local(model, weights, "pretrained:mobilenet_v2_int8")
+        load_into(model, weights, "pretrained:mobilenet_v2_int8")
         return model.eval(), mobilenet_v2_preprocess()
     return mobilenet_v2_from_torchscript(weights), mobilenet_v2_preprocess()
 
@@ -627,14 +631,7 @@ def load_mobilenet_v1_100_tflite(weights: str | os.PathLike | None = None, **kwa
     if kwargs:
         raise ValueError(f"pretrained:mobilenet_v1_100_tflite takes no options {', '.join(kwargs)}")
     if weights is not None:
-        from .checkpoint import load_state_dict
-
-        state = load_state_dict(weights)
-        model = TFLiteMobileNetV1(num_classes=int(state["fc.weight"].shape[0]) if "fc.weight" in state else 1001)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
-            detail = " ".join(line.strip() for line in str(exc).strip().splitlines()[:3])
-            raise ValueError(f"{weights} does not fit pretrained:mobilenet_v1_100_tflite: {detail}") from exc
-        return model.eval(), tflite_preprocess()
+        model = _twin_from_state(weights, lambda n: TFLiteMobileNetV1(num_classes=n), 1001,
+                                 "pretrained:mobilenet_v1_100_tflite")
+        return model, tflite_preprocess()
     return tflite_mobilenet_v1(), tflite_preprocess()

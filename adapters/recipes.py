@@ -547,15 +547,9 @@ def finish_load(
         If the checkpoint's keys or shapes do not fit the model.
     """
     if weights is not None:
-        from .checkpoint import load_state_dict
+        from .checkpoint import load_into
 
-        state = load_state_dict(weights)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()
-            detail = " ".join(line.strip() for line in first[:3])
-            raise ValueError(f"{weights} does not fit {name}: {detail}") from exc
+        load_into(model, weights, name)
     model.eval()
     return model, eval_preprocess(name, stats=stats, image_size=224, data_root=data_root)
 

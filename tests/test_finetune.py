@@ -63,6 +63,8 @@ def test_finetune_verb_on_the_keras_twin(tmp_path, capsys):
     assert report["train_images"] == 10 and report["val_images"] == 10 and report["feature_dim"] == 256
     assert "zero_shot_val_top1" not in report  # the Keras file has no ImageNet classifier
     assert report["head_only_train_top1"] == 1.0  # 10 points in 256-d: separable
+    assert set(report) >= {"steps", "lr", "seconds"} and all(isinstance(k, str) for k in report["seconds"])
+    assert not [k for k, v in report.items() if isinstance(v, str) and "train /" in v]  # numbers, not console text
     cached = list((tmp_path / "cache").glob("*.safetensors"))
     assert len(cached) == 2
     # The features are the global-pooled last map, computed independently here.

@@ -152,7 +152,7 @@ def _run(args: argparse.Namespace, device) -> int:
             # Linear probe first: the full fine-tune then starts from a trained head.
             head = _probe(args, model, model_id, train, val, device, report)
             if head is not None:
-                _print_probe(args, report)
+                _print_probe(report)
                 from interp._io import write_atomic
 
                 # Kept beside the checkpoints: a resumed session skips the probe but reports it.
@@ -166,7 +166,7 @@ def _run(args: argparse.Namespace, device) -> int:
     ft.replace_head(model, head.to(next(model.parameters()).device))
     report["seconds"]["total"] = round(time.perf_counter() - t_start, 1)
     weights_path = _write_outputs(model, report, out, model_id)
-    _print_probe(args, report)
+    _print_probe(report)
     print(f"wrote {weights_path} and {out / 'finetune.json'}")
     return 0
 
@@ -206,13 +206,12 @@ def _probe(args: argparse.Namespace, model, model_id: str, train, val, device, r
     t_head = time.perf_counter() - t0
     report.update(steps=args.steps, lr=lr, head_lr=lr, weight_decay=args.weight_decay, seed=args.seed,
                   seconds={"features": round(t_features, 1), "head": round(t_head, 2)})
-    report["feature_text"] = (f"{args.model}: {len(train)} train / {len(val)} val images, features "
-                              f"{ftr.shape[1]}-d ({t_features:.1f} s), head trained in {t_head:.1f} s")
+    print(f"{args.model}: {len(train)} train / {len(val)} val images, features {ftr.shape[1]}-d "
+          f"({t_features:.1f} s), head trained in {t_head:.1f} s")
     return head
 
 
-def _print_probe(args: argparse.Namespace, report: dict) -> None:
-    print(report.pop("feature_text"))
+def _print_probe(report: dict) -> None:
     if "zero_shot_val_top1" in report:
         print(f"  zero-shot val top-1 (10 ImageNet classes): {report['zero_shot_val_top1']:.2%}")
         print(f"  ImageNet 1000-way val top-1:              {report['imagenet_val_top1']:.2%}")

@@ -88,7 +88,8 @@ class Job:
     done: Path
     progress: Path | None = None  # a log.json whose "epochs" tell how far it is
     status: str = "pending"
-    seconds: float = 0.0
+    started: float = 0.0  # time.monotonic() at start
+    seconds: float = 0.0  # how long it ran
     proc: Any = field(default=None, repr=False)
 
 
@@ -140,7 +141,7 @@ def run_jobs(jobs: list[Job], parallel: int, deadline: float | None, say=print, 
             if deadline is not None and now >= deadline:
                 for j in running:
                     _stop(j)
-                    j.seconds = time.monotonic() - j.seconds
+                    j.seconds = time.monotonic() - j.started
                     j.status = "stopped at deadline"
                     say(f"  {j.name}: stopped at the deadline ({_epochs_done(j) or 'no epoch done'})")
                 for j in pending:
@@ -153,7 +154,7 @@ def run_jobs(jobs: list[Job], parallel: int, deadline: float | None, say=print, 
                 j.proc = subprocess.Popen(j.cmd, stdout=fh,
                                           stderr=subprocess.STDOUT, env=env, start_new_session=True)
                 fh.close()
-                j.seconds = now
+                j.started = now
                 j.status = "running"
                 running.append(j)
                 say(f"  {j.name}: started (log {j.log})")
@@ -163,7 +164,7 @@ def run_jobs(jobs: list[Job], parallel: int, deadline: float | None, say=print, 
                 if code is None:
                     continue
                 running.remove(j)
-                j.seconds = time.monotonic() - j.seconds
+                j.seconds = time.monotonic() - j.started
                 j.status = "done" if code == 0 and j.done.exists() else f"failed (exit {code})"
                 tail = _tail(j.log)
                 say(f"  {j.name}: {j.status} in {j.seconds:.0f} s" + (f" -- {tail}" if tail else ""))
@@ -252,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
     jobs: list[Job] = []
     if "train" in stages:
         cache = _prepare_cache(args, out, data, workers, say) if models and args.cache_uint8 else None
-        jobs = _train_jobs(args, out, data, models, twins, cache, workers, parallel)
+        jobs = _train_jobs(args, out, data, models, twins, cache, parallel)
         todo = [j for j in jobs if j.status == "pending"]
         say(f"training: {len(todo)} job(s) to run ({len(jobs) - len(todo)} already complete), {parallel} at once"
             + (f", deadline {args.deadline:.0f} s" if deadline else ""))
@@ -296,8 +297,7 @@ def _prepare_cache(args, out: Path, data: str, workers: int, say) -> Path:
     return path
 
 
-def _train_jobs(args, out: Path, data: str, models, twins, cache: Path | None, workers: int,
-                parallel: int) -> list[Job]:
+def _train_jobs(args, out: Path, data: str, models, twins, cache: Path | None, parallel: int) -> list[Job]:
     fast = ["--amp", "--channels-last"] if args.device == "cuda" else []
     jobs = []
     for m in models:
@@ -309,12 +309,7 @@ def _train_jobs(args, out: Path, data: str, models, twins, cache: Path | None, w
         for flag, value in (("--epochs", args.epochs), ("--limit", args.limit)):
             if value is not None:
                 argv += [flag, str(value)]
-        if (d / "last.pt").is_file():
-            argv.append("--resume")
-        job = Job(f"train {m}", _cli(*argv), out / "logs" / f"train_{m}.log", d / f"{m}.json", d / "log.json")
-        if job.done.is_file():
-            job.status = "done (earlier run)"
-        jobs.append(job)
+        jobs.append(_resumable(f"train {m}", argv, d, out / "logs" / f"train_{m}.log", d / f"{m}.json"))
     # Fine-tuning reads JPEGs through DataLoader workers: it gets the CPUs the
     # training jobs leave (each of those needs about one core with the uint8 cache).
     busy = min(parallel, len(models)) if cache is not None else 0
@@ -326,14 +321,19 @@ def _train_jobs(args, out: Path, data: str, models, twins, cache: Path | None, w
                 "--no-progress", *fast]
         if args.limit is not None:
             argv += ["--train-limit", str(args.limit), "--val-limit", str(args.limit)]
-        if (d / "last.pt").is_file():
-            argv.append("--resume")
-        job = Job(f"finetune {t}", _cli(*argv), out / "logs" / f"finetune_{_slug(t)}.log", d / "finetune.json",
-                  d / "log.json")
-        if job.done.is_file():
-            job.status = "done (earlier run)"
-        jobs.append(job)
+        jobs.append(_resumable(f"finetune {t}", argv, d, out / "logs" / f"finetune_{_slug(t)}.log",
+                               d / "finetune.json"))
     return jobs
+
+
+def _resumable(name: str, argv: list[str], d: Path, log: Path, done: Path) -> Job:
+    """A training job writing into ``d``: resumed from ``d/last.pt`` if there is one, skipped once ``done`` exists."""
+    if (d / "last.pt").is_file():
+        argv = [*argv, "--resume"]
+    job = Job(name, _cli(*argv), log, done, d / "log.json")
+    if done.is_file():
+        job.status = "done (earlier run)"
+    return job
 
 
 def trained_weights(out: Path, model: str) -> tuple[Path | None, str]:
