@@ -8,8 +8,11 @@ ours
 ours, no receptive fields
     The same with ``receptive_fields=False``: isolates the fixed fx-trace cost.
 no-grad forward
-    ``model(x)`` under ``torch.no_grad()`` over the same batches: the floor.
-    Its ``ours/this`` ratio is mining's overhead (target <= 1.15).
+    ``model(x)`` under ``torch.no_grad()`` over the same batches, in the
+    model's own layout: what a user's plain inference pass costs.
+no-grad forward, channels_last
+    The same in ``channels_last``, the layout ``interp.mine`` runs in: the
+    floor. Its ``ours/this`` ratio is mining's overhead (target <= 1.15).
 per-layer passes
     The original's approach: one full data pass per layer, a hook taking each
     channel's per-image maximum, top-k at the end. Its top-k values are
@@ -73,11 +76,14 @@ def per_layer_passes(model: nn.Module, images: torch.Tensor, layers: list[str], 
     return torch.stack(out)
 
 
-def no_grad_forward(model: nn.Module, images: torch.Tensor, batch_size: int) -> None:
-    """A plain inference pass over ``images``: the cost floor of any mining."""
-    with torch.no_grad():
+def no_grad_forward(model: nn.Module, images: torch.Tensor, batch_size: int, channels_last: bool = False) -> None:
+    """A plain inference pass over ``images`` (optionally ``channels_last``): the cost floor of any mining."""
+    from interp._state import as_channels_last
+    from interp._state import channels_last as cl_weights
+
+    with torch.no_grad(), cl_weights(model, channels_last):
         for s in range(0, len(images), batch_size):
-            model(images[s : s + batch_size])
+            model(as_channels_last(images[s : s + batch_size], channels_last))
 
 
 def run(device: torch.device, quick: bool = False, settings: Settings | None = None, log=print) -> list[Row]:
@@ -100,6 +106,8 @@ def run(device: torch.device, quick: bool = False, settings: Settings | None = N
         Candidate("ours", ours, s.repeats),
         Candidate("ours, no receptive fields", lambda: ours(False), s.repeats),
         Candidate("no-grad forward", lambda: no_grad_forward(model, images, s.batch_size), s.repeats),
+        Candidate("no-grad forward, channels_last", lambda: no_grad_forward(model, images, s.batch_size, True),
+                  s.repeats),
         Candidate("per-layer passes", lambda: per_layer_passes(model, images, layers, s.channels, s.k, s.batch_size),
                   s.repeats_per_layer,
                   warmup=lambda: per_layer_passes(model, few, layers[:1], s.channels, s.k, s.batch_size)),

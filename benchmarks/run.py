@@ -138,7 +138,7 @@ def run_suite(args: argparse.Namespace, log: Callable[[str], None] = print,
             if args.repeats is not None:
                 ms = replace(ms, repeats_per_layer=args.repeats)
             rows = mining.run(device, args.quick, settings=ms, log=log)
-            table = markdown(rows, "Mining (ours/this for no-grad forward = overhead ratio; target <= 1.15)")
+            table = markdown(rows, "Mining (ours/this for 'no-grad forward, channels_last' = overhead ratio; target <= 1.15)")
         elif name == "e2e":
             s = end_to_end.QUICK if args.quick else end_to_end.FULL
             if args.e2e_limit is not None:

@@ -214,19 +214,26 @@ def visualize(
         encoded: set[int] = set()  # input images this rank has already encoded
         lock = threading.Lock()  # guards ``encoded``: each input's bytes go with exactly one job
         loaded: tuple = (None, None)  # (layer, its images): reused by the layer's next method
+        prefetched: dict = {}  # layer -> future of its images, decoded while the layer before projects
         pending: list = []
         workers = _draw_threads()
         t_loop = time.perf_counter()
         with eval_mode(model), on_device(model, device) as dev, \
                 tqdm(total=len(jobs), desc="projecting + drawing", unit="panel", leave=False,
                      disable=not progress or (spread and not dist.is_main())) as bar, \
-                ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cnn-internals-draw") as pool:
+                ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cnn-internals-draw") as pool, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnn-internals-load") as loader:
             for j in dist.work_queue(len(jobs)) if spread else range(len(jobs)):
                 name, method = jobs[j]
                 if loaded[0] != name:
                     t0 = time.perf_counter()
-                    loaded = (name, _load_layer(data, topk, name, dev))
-                    spent["loading"] += time.perf_counter() - t0
+                    future = prefetched.pop(name, None)
+                    loaded = (name, future.result() if future is not None else _load_layer(data, topk, name, dev))
+                    spent["loading"] += time.perf_counter() - t0  # only the wait, when prefetched
+                    # Under torchrun the next job is whatever the queue hands out; alone it is known.
+                    following = next((n for n, _ in jobs[j + 1:] if n != name), None) if not spread else None
+                    if following is not None:
+                        prefetched[following] = loader.submit(_load_layer, data, topk, following, dev)
                 xs, units, raws = loaded[1]
                 t0 = time.perf_counter()
                 proj = _project_job(model, xs, name, units, method, project_batch_size)

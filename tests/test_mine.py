@@ -142,8 +142,10 @@ def test_forward_stops_after_deepest_requested_layer():
 
 
 def _snapshot(model):
-    return [(name, m.training, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
-            for name, m in model.named_modules()]
+    return ([(name, m.training, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+             for name, m in model.named_modules()]
+            # channels_last mining gives every weight back: same storage, same strides
+            + [(name, p.data_ptr(), p.stride()) for name, p in model.named_parameters()])
 
 
 def test_model_left_as_it_was_after_success_and_error():
@@ -223,3 +225,19 @@ def test_memory_does_not_grow_with_dataset_size():
     assert big - small < 8.0, (small, big)
     # Python-level allocations: no per-image bookkeeping either.
     assert py_big - py_small < 64 * 1024, (py_small, py_big)
+
+
+def test_channels_last_and_model_layout_give_the_same_top_k():
+    torch.manual_seed(0)
+    import torchvision
+
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(24, 3, 64, 64)
+    layers = ["conv1", "layer2.0.conv1", "layer4.1.conv2"]
+    fast = interp.mine(model, x, layers, k=5, batch_size=8, progress=False)  # channels_last (default)
+    plain = interp.mine(model, x, layers, k=5, batch_size=8, progress=False, channels_last=False)
+    for layer in layers:
+        for c in range(6):
+            a, b = fast[layer, c], plain[layer, c]
+            assert [(e.index, e.y, e.x) for e in a] == [(e.index, e.y, e.x) for e in b], (layer, c)
+            assert np.allclose([e.value for e in a], [e.value for e in b], rtol=1e-5, atol=1e-6)

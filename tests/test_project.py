@@ -345,3 +345,20 @@ def test_shared_forward_for_units_of_the_same_image_is_exact(method):
                                 for u in units])
     assert shared.abs().sum() > 0
     assert rel_diff(shared, one_row_each) < 1e-5
+
+
+def test_crop_is_chosen_by_work_saved_counting_shared_images():
+    """vgg16 features.28 at 224 px: the aligned crop is 208 x 208 (86 % of the pixels). On 54 different
+    images that saves 14 % of the work, so the planner crops; 54 units on 3 images share forwards that
+    crops would break, so it does not."""
+    from interp.project import _crop_plans
+
+    model = torchvision.models.vgg16().features.eval()
+    shape = (54, 3, 224, 224)
+    spread = torch.tensor([(n, n % 6, 7, 6) for n in range(54)])
+    plans = _crop_plans(model, "28", shape, spread, None)
+    assert {(b - t, r - l0) for t, l0, b, r, _, _ in plans} == {(208, 208)}
+    shared = torch.tensor([(n % 3, n % 6, n % 14, (3 * n) % 14) for n in range(54)])
+    assert all(p[:4] == (0, 0, 224, 224) for p in _crop_plans(model, "28", shape, shared, None))
+    assert all(p[:4] != (0, 0, 224, 224) for p in _crop_plans(model, "28", shape, shared, True))
+
