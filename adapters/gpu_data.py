@@ -43,6 +43,7 @@ What the fast path approximates (documented, measured on the same data):
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -341,8 +342,12 @@ class AugSpec:
     mean_image: bool = False
 
 
-def aug_spec(train_transform: str, image_size: int) -> AugSpec:
-    """The :class:`AugSpec` of a recipe's ``train_transform`` name at crop size ``image_size``."""
+def aug_spec(train_transform: str, image_size: int, crop_scale: float | None = None) -> AugSpec:
+    """The :class:`AugSpec` of a recipe's ``train_transform`` name at crop size ``image_size``.
+
+    ``crop_scale`` replaces the recipe's crop by RandomResizedCrop with area
+    scale ``crop_scale``..1, as :func:`adapters.recipes.rrc_train` does.
+    """
     from .recipes import JITTER, _scaled
 
     jit = (JITTER["brightness"], JITTER["contrast"], JITTER["saturation"], JITTER["hue"])
@@ -356,7 +361,12 @@ def aug_spec(train_transform: str, image_size: int) -> AugSpec:
     }
     if train_transform not in specs:
         raise ValueError(f"no GPU augmentation for transform {train_transform!r}; known: {', '.join(specs)}")
-    return specs[train_transform]
+    spec = specs[train_transform]
+    if crop_scale is not None:
+        if spec.crop == "alexnet":
+            raise ValueError("--crop-scale does not apply to alexnet (its crops are tied to the mean image)")
+        spec = dataclasses.replace(spec, crop="rrc", short_range=(base, base), scale=(float(crop_scale), 1.0))
+    return spec
 
 
 def _uniform(g: torch.Generator, n: int, lo: float, hi: float) -> torch.Tensor:

@@ -77,6 +77,8 @@ __all__ = [
     "finish_load",
     "training_setup",
     "mobilenet_param_groups",
+    "rrc_train",
+    "JITTER_TRANSFORMS",
 ]
 
 #: Colour jitter used by the VGG-16, InceptionNet and MobileNet recipes.
@@ -224,6 +226,27 @@ def mobilenet_train(stats: DatasetStats, image_size: int = 224) -> Callable:
             _normalize(stats),
         ]
     )
+
+
+#: Training transforms whose recipe includes colour jitter (kept by :func:`rrc_train`).
+JITTER_TRANSFORMS = frozenset({"vgg16_train", "inception_train", "mobilenet_train"})
+
+
+def rrc_train(stats: DatasetStats, image_size: int, scale: tuple[float, float], jitter: bool) -> Callable:
+    """RandomResizedCrop(``scale``), flip, optional colour jitter, mean/std: a recipe with its crop replaced.
+
+    What ``cnn-internals train --crop-scale`` trains with (a labelled
+    deviation from the recipe, for the "tuned" runs): the crop covers a
+    random ``scale`` fraction of the image area instead of the recipe's
+    resize-and-crop; the recipe's colour jitter (``jitter``) stays.
+    """
+    from torchvision.transforms import v2 as T
+
+    steps: list[Callable] = [T.ToImage(), T.RGB(), T.RandomResizedCrop(image_size, scale=scale, antialias=True),
+                             T.RandomHorizontalFlip()]
+    if jitter:
+        steps.append(T.ColorJitter(**JITTER))
+    return T.Compose(steps + [T.ToDtype(torch.float32, scale=True), _normalize(stats)])
 
 
 # --------------------------------------------------------------------------- optimizers
@@ -561,6 +584,7 @@ def training_setup(
     fast: bool = False,
     image_size: int | None = None,
     stats: DatasetStats | None = None,
+    crop_scale: float | None = None,
 ):
     """A :class:`adapters.training.TrainSpec` for model ``name`` on Imagenette.
 
@@ -581,6 +605,11 @@ def training_setup(
     stats:
         Dataset statistics; default :func:`adapters.imagenette.dataset_stats`
         over the full training split (computed once, then cached).
+    crop_scale:
+        Replace the recipe's training crop by RandomResizedCrop with area
+        scale ``crop_scale``..1 (:func:`rrc_train`; colour jitter kept). A
+        deviation from the recipe, recorded in the run's ``extra``. Not for
+        AlexNet (its crops are tied to the mean image).
     """
     from .imagenette import Imagenette, dataset_stats
     from .training import TrainSpec
@@ -591,9 +620,16 @@ def training_setup(
         raise ValueError("alexnet trains at 224 px only (lin1 expects 256x6x6 features); drop --image-size")
     if size != recipe.image_size:
         recipe = dataclasses.replace(recipe, image_size=size)
+    if crop_scale is not None:
+        if name == "alexnet":
+            raise ValueError("--crop-scale does not apply to alexnet (its crops are tied to the mean image)")
+        if not 0 < crop_scale <= 1:
+            raise ValueError(f"--crop-scale must be in (0, 1], got {crop_scale}")
     if stats is None:
         stats = dataset_stats(data_root)
     train_tf, val_tf = recipe.make_transforms(stats, size)
+    if crop_scale is not None:
+        train_tf = rrc_train(stats, size, (crop_scale, 1.0), recipe.train_transform in JITTER_TRANSFORMS)
     train_set = Imagenette(data_root, "train", transform=train_tf, limit=limit)
     val_set = Imagenette(data_root, "val", transform=val_tf, limit=limit)
     import adapters
@@ -607,5 +643,6 @@ def training_setup(
         recipe=recipe,
         loss_fn=recipe.make_loss(),
         val_name="imagenette-val" if limit is None else f"imagenette-val[{len(val_set)}]",
-        extra={"image_size": size, "stats_key": stats.key, "stats_images": stats.n_images},
+        extra={"image_size": size, "stats_key": stats.key, "stats_images": stats.n_images,
+               **({"crop_scale": [crop_scale, 1.0]} if crop_scale is not None else {})},
     )

@@ -5,12 +5,15 @@
 #
 #   examples/gpu_train_all.sh pack DATA DEST [MiB]   # DATA's Imagenette + twin weights as pieces of <= MiB (55)
 #   examples/gpu_train_all.sh stage PIECE.tgz DATA   # unpack one data piece into DATA (repeatable)
-#   examples/gpu_train_all.sh run DATA OUT [DEADLINE_S]
+#   examples/gpu_train_all.sh run DATA OUT [DEADLINE_S [REPRODUCE ARGS...]]
 #   examples/gpu_train_all.sh bundle OUT DEST        # <= 8 files, each < 16 MB, into DEST
 #
 # `run` is `cnn-internals reproduce --device cuda` (resumable: run it again to
 # finish what a deadline cut). DEADLINE_S stops the training step after that
-# many seconds, so the panels of what exists still get drawn.
+# many seconds, so the panels of what exists still get drawn. Further arguments
+# go to `reproduce` as they are, e.g. the labelled "tuned" run:
+#   run DATA OUT 300 --models vgg16,inception,mobilenet,resnet18 --image-size 160 \
+#       --crop-scale 0.35 --batch-size 64 --stages train,report
 #
 # Data that cannot travel in one piece (a machine reached over a size-limited
 # transfer): `pack` writes DEST/piece0.tgz, piece1.tgz, ... (val and the twins'
@@ -74,10 +77,11 @@ run)
     data=${1:?run DATA OUT [DEADLINE_S]}
     out=${2:?run DATA OUT [DEADLINE_S]}
     deadline=${3:-}
+    shift $(($# < 3 ? $# : 3))
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
     "$py" -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)'
     "$py" -m interp.cli reproduce --data "$data" --out "$out" --device cuda --workers "$(nproc)" \
-        ${deadline:+--deadline "$deadline"}
+        ${deadline:+--deadline "$deadline"} "$@"
     ;;
 bundle)
     out=${1:?bundle OUT DEST}

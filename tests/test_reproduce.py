@@ -82,6 +82,15 @@ def test_results_table_from_logs(tmp_path):
     assert len(table.splitlines()) == 2 + 4
 
 
+def test_tuned_runs_are_labelled_with_their_deviations(tmp_path):
+    _log(tmp_path / "train" / "resnet18" / "log.json", 3, [0.5, 0.6, 0.7])
+    log = json.loads((tmp_path / "train" / "resnet18" / "log.json").read_text())
+    assert rp._deviations("resnet18", log) == ""  # the recipe as written
+    log["recipe"].update(image_size=160, batch_size=64)
+    log["extra"] = {"image_size": 160, "crop_scale": [0.35, 1.0]}
+    assert rp._deviations("resnet18", log) == ", tuned: 160 px, crop 0.35-1, batch 64"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--models", "lenet6"], "unknown model lenet6"),
     (["--twins", "timm:nonsense"], "unknown twin timm:nonsense"),

@@ -217,3 +217,19 @@ def test_persistent_workers_resume_exactly(tmp_path):
     _worker_run(tmp_path / "b", stop_after_first=True)
     c = _worker_run(tmp_path / "b", resume=True).state_dict()
     assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_crop_scale_replaces_the_recipe_crop_and_keeps_its_colour_ops():
+    from adapters.recipes import rrc_train
+
+    spec = G.aug_spec("resnet18_train", 160, crop_scale=0.35)
+    assert spec.crop == "rrc" and spec.scale == (0.35, 1.0) and spec.jitter is None
+    assert G.aug_spec("vgg16_train", 160, crop_scale=0.5).jitter is not None  # VGG's jitter stays
+    with pytest.raises(ValueError, match="does not apply to alexnet"):
+        G.aug_spec("alexnet_train", 224, crop_scale=0.35)
+    names = [type(t).__name__ for t in rrc_train(fallback_stats(), 64, (0.35, 1.0), jitter=True).transforms]
+    assert "RandomResizedCrop" in names and "ColorJitter" in names and "RandomCrop" not in names
+    # Batches come out at the tuned size, area fractions inside the range.
+    data = G.DeviceImagenette(_synthetic(6, 24, 2), _synthetic(2, 24, 3), spec, fallback_stats(), 16)
+    x, _ = next(iter(data.train_batches(seed=0, epoch=1, batch_size=6)))
+    assert x.shape == (6, 3, 16, 16)

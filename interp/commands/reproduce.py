@@ -65,6 +65,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
                    help="stop the training step after this many seconds (checkpoints kept; rerun to resume)")
     p.add_argument("--epochs", type=int, default=None, help="override every recipe's epochs (smoke runs)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="train the from-scratch models at this side (a labelled deviation; AlexNet stays at 224)")
+    p.add_argument("--crop-scale", type=float, default=None, metavar="LO",
+                   help="RandomResizedCrop area scale LO..1 instead of each recipe's crop (deviation; not AlexNet)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="override every recipe's batch size (a labelled deviation)")
     p.add_argument("--finetune-epochs", type=int, default=5, help="epochs of the twins' full fine-tuning (default 5)")
     p.add_argument("--limit", type=int, default=None, help="N train and N val images (smoke runs)")
     p.add_argument("--panel-limit", type=int, default=None, help="mine the panels on N val images (default all)")
@@ -222,7 +228,9 @@ def _check(args: argparse.Namespace) -> tuple[list[str], list[str], list[str]]:
     bad = [s for s in stages if s not in STAGES]
     if bad or not stages:
         raise ValueError(f"unknown stage {', '.join(bad) or '(none given)'}; choose from {', '.join(STAGES)}")
-    for flag in ("parallel", "epochs", "limit", "panel_limit", "workers"):
+    if args.crop_scale is not None and not 0 < args.crop_scale <= 1:
+        raise ValueError(f"--crop-scale must be in (0, 1], got {args.crop_scale}")
+    for flag in ("parallel", "epochs", "limit", "panel_limit", "workers", "image_size", "batch_size"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
@@ -306,7 +314,9 @@ def _train_jobs(args, out: Path, data: str, models, twins, cache: Path | None, p
                 "--no-progress", *fast]
         if cache is not None:
             argv += ["--cache-uint8", str(args.cache_uint8), "--cache-file", str(cache)]
-        for flag, value in (("--epochs", args.epochs), ("--limit", args.limit)):
+        tuned = (("--image-size", args.image_size), ("--crop-scale", args.crop_scale)) if m != "alexnet" else ()
+        for flag, value in (("--epochs", args.epochs), ("--limit", args.limit), ("--batch-size", args.batch_size),
+                            *tuned):
             if value is not None:
                 argv += [flag, str(value)]
         jobs.append(_resumable(f"train {m}", argv, d, out / "logs" / f"train_{m}.log", d / f"{m}.json"))
@@ -392,13 +402,31 @@ def collect_results(out: Path, models, twins, family) -> dict[str, Any]:
     rows = []
     for m in models:
         log = _read_json(out / "train" / m / "log.json")
-        rows.append(_row(m, "from scratch", log, m, out / "train" / m / f"{m}.json"))
+        rows.append(_row(m, "from scratch" + _deviations(m, log), log, m, out / "train" / m / f"{m}.json"))
     for t in twins:
         log = _read_json(out / "finetune" / _slug(t) / "log.json")
         row = _row(t, "pretrained, full fine-tune", log, "twin", out / "finetune" / _slug(t) / "finetune.json")
         row["family"] = family[t]
         rows.append(row)
     return {"rows": rows}
+
+
+def _deviations(model: str, log: dict | None) -> str:
+    """``", tuned: 160 px, crop 0.35-1, batch 64"`` where a run left its recipe, else ``""``."""
+    from adapters.recipes import RECIPES
+
+    if not log or "recipe" not in log:
+        return ""
+    recipe, extra, faithful = log["recipe"], log.get("extra") or {}, RECIPES[model]
+    parts = []
+    if int(recipe.get("image_size", faithful.image_size)) != faithful.image_size:
+        parts.append(f"{recipe['image_size']} px")
+    if extra.get("crop_scale"):
+        lo, hi = extra["crop_scale"]
+        parts.append(f"crop {lo:g}-{hi:g}")
+    if int(recipe.get("batch_size", faithful.batch_size)) != faithful.batch_size:
+        parts.append(f"batch {recipe['batch_size']}")
+    return ", tuned: " + ", ".join(parts) if parts else ""
 
 
 def _read_json(path: Path) -> dict | None:

@@ -72,6 +72,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--limit", type=int, default=None, help="use only N training and N validation images (smoke runs)")
     p.add_argument("--image-size", type=int, default=None,
                    help="train/eval crop size in px (Imagenette models; default the recipe's 224)")
+    p.add_argument("--crop-scale", type=float, default=None, metavar="LO",
+                   help="Imagenette models but AlexNet: RandomResizedCrop with area scale LO..1 instead of the "
+                        "recipe's crop (colour jitter kept); a labelled deviation from the recipe")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default: cpu")
     p.add_argument("--workers", type=int, default=0,
                    help="DataLoader workers, kept alive across epochs; with --cache-uint8 the decoding processes (default 0)")
@@ -161,6 +164,10 @@ def _train(args: argparse.Namespace, device) -> int:
         if "image_size" not in inspect.signature(setup).parameters:
             raise ValueError(f"--image-size does not apply to {args.model} (its input size is fixed)")
         kwargs["image_size"] = args.image_size
+    if getattr(args, "crop_scale", None) is not None:
+        if "crop_scale" not in inspect.signature(setup).parameters:
+            raise ValueError(f"--crop-scale does not apply to {args.model}")
+        kwargs["crop_scale"] = args.crop_scale
     # Rank 0 first: a setup may compute and cache dataset statistics, which the others then read.
     spec = _rank0_first(lambda: setup(**kwargs))
     changes: dict[str, Any] = {}
@@ -185,6 +192,8 @@ def _train(args: argparse.Namespace, device) -> int:
         f"{torch.get_num_threads()} threads"
         + (", bf16 autocast" if args.amp else "") + (", channels_last" if args.channels_last else "")
         + (f", uint8 cache at {args.cache_uint8} px augmented on {args.device}" if batches is not None else "")
+        + (f", crop scale {args.crop_scale:g}-1 (instead of the recipe's crop)"
+           if getattr(args, "crop_scale", None) is not None else "")
         + f" -> {out}"
     )
     if args.sync_bn and world == 1:
@@ -243,7 +252,8 @@ def _device_batches(args: argparse.Namespace, spec, out: Path, device=None):
     image_size = int(spec.recipe.image_size)
     # dataset_stats is cached on disk: this is the same record training_setup used.
     stats = dataset_stats(args.data)
-    return gpu_data.DeviceImagenette(train, val, gpu_data.aug_spec(recipe.train_transform, image_size), stats,
+    spec_aug = gpu_data.aug_spec(recipe.train_transform, image_size, getattr(args, "crop_scale", None))
+    return gpu_data.DeviceImagenette(train, val, spec_aug, stats,
                                      image_size, device=device if device is not None else args.device)
 
 
@@ -252,7 +262,8 @@ def _command(args: argparse.Namespace) -> str:
     parts = ["cnn-internals", "train", args.model]
     for flag, value in (
         ("--data", args.data), ("--epochs", args.epochs), ("--batch-size", args.batch_size),
-        ("--lr", args.lr), ("--limit", args.limit), ("--image-size", args.image_size), ("--device", args.device),
+        ("--lr", args.lr), ("--limit", args.limit), ("--image-size", args.image_size),
+        ("--crop-scale", getattr(args, "crop_scale", None)), ("--device", args.device),
         ("--workers", args.workers), ("--threads", args.threads), ("--seed", args.seed), ("--out", args.out),
         ("--cache-uint8", getattr(args, "cache_uint8", None)), ("--cache-file", getattr(args, "cache_file", None)),
     ):
