@@ -194,7 +194,21 @@ class IndexedImages(torch.utils.data.Dataset):
             it directly).
         """
         img = self._pil(index)
+        return self._raw_of(img, self._model_input(img))
+
+    def item_and_raw(self, index: int) -> tuple[torch.Tensor, np.ndarray]:
+        """:meth:`item` and :meth:`raw` of one image, decoded and preprocessed once."""
+        if type(self).item is not IndexedImages.item or type(self).raw is not IndexedImages.raw:
+            return self.item(index), self.raw(index)  # a subclass with its own access
+        try:
+            img = self._pil(index)
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise ValueError(f"cannot read image {self.describe(index)}: {exc}") from exc
         x = self._model_input(img)
+        return x, self._raw_of(img, x)
+
+    def _raw_of(self, img: Image.Image, x: torch.Tensor) -> np.ndarray:
+        """:meth:`raw` from the decoded image and its model input."""
         h, w = x.shape[-2:]
         if self._display is not None:
             shown = _to_float_image(self._display(img))
@@ -244,6 +258,9 @@ class SubsetImages(IndexedImages):
 
     def raw(self, index: int) -> np.ndarray:
         return self.parent.raw(index)
+
+    def item_and_raw(self, index: int) -> tuple[torch.Tensor, np.ndarray]:
+        return self.parent.item_and_raw(index)
 
     def path(self, index: int) -> str | None:
         return self.parent.path(index)

@@ -299,18 +299,23 @@ def _project_rows(model, ref, images, units_t, plans, inputs, rounds, mode_facto
         # clone: an in-place op at the model's very first step must not touch
         # the leaf we differentiate against.
         out = forward_to(model, ref, leaf.clone())
+    whole = (0, 0) + tuple(images.shape[2:])
     for r, pairs in enumerate(rounds):
-        rows = torch.tensor([row for row, _ in pairs], device=out.device)
         members = [i for _, i in pairs]
-        cs = units_t[members, 1].to(out.device)
-        ys = torch.tensor([plans[i][4] for i in members], device=out.device)
-        xs = torch.tensor([plans[i][5] for i in members], device=out.device)
-        if int(ys.max()) >= out.shape[2] or int(xs.max()) >= out.shape[3]:  # pragma: no cover - guard
+        # Positions checked on the host: a .max() of a device tensor would wait for the GPU.
+        ys_l, xs_l = [plans[i][4] for i in members], [plans[i][5] for i in members]
+        if max(ys_l) >= out.shape[2] or max(xs_l) >= out.shape[3]:  # pragma: no cover - guard
             raise RuntimeError("internal error: cropped unit position falls outside the cropped output")
-        selected = out[rows, cs, ys, xs]
+        rows = torch.tensor([row for row, _ in pairs], device=out.device)
+        cs = units_t[members, 1].to(out.device)
+        selected = out[rows, cs, torch.tensor(ys_l, device=out.device), torch.tensor(xs_l, device=out.device)]
         if not selected.requires_grad:
             raise ValueError(f"layer {ref.name!r} output does not depend on the input images")
         (grad,) = torch.autograd.grad(selected.sum(), leaf, retain_graph=r < len(rounds) - 1)
+        if all(tuple(plans[i][:4]) == whole for i in members):
+            # Whole images: one gather-and-copy instead of one small copy per unit.
+            result[torch.tensor(members, device=result.device)] = grad[rows].to(result.device)
+            continue
         grad = grad.to(result.device)
         for row, i in pairs:
             top, left, bottom, right, _, _ = plans[i]

@@ -74,14 +74,18 @@ class _Rule(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (y,) = ctx.saved_tensors
+        if ctx.method == "guided" and ctx.kind == "clamp":
+            # relu(g) * [lo < y < hi] in two memory passes and one new tensor:
+            # threshold_backward keeps g where y > lo (the kernel ReLU's own
+            # backward uses), then clamp in place. The bool-mask product took
+            # four passes and two temporaries; the values are the same.
+            g = torch.ops.aten.threshold_backward(grad, y, ctx.lo).clamp_(min=0)
+            if not math.isinf(ctx.hi):
+                g.masked_fill_(y >= ctx.hi, 0)
+            return g, None, None, None, None, None
         g = grad.clamp(min=0)
         if ctx.method == "guided":
-            if ctx.kind == "clamp":
-                mask = y > ctx.lo
-                if not math.isinf(ctx.hi):
-                    mask &= y < ctx.hi
-                g = g * mask
-            elif ctx.kind == "tanh":
+            if ctx.kind == "tanh":
                 g = g * (1 - y * y)
             else:
                 g = g * (y * (1 - y))

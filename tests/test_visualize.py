@@ -126,6 +126,15 @@ def test_raw_images_are_unnormalised_model_geometry(tmp_path):
     np.testing.assert_allclose(tf_ds.raw(1), (x_tf.permute(1, 2, 0).numpy() * 128 + 128) / 255, atol=1e-5)
     np.testing.assert_allclose(tf_ds.raw(1), raw_unnorm := ds.raw(1), atol=2e-3)  # the same picture
     assert raw_unnorm.max() <= 1.0
+    # Decoded once for both (what visualize's loading uses): the same as item() and raw() apart;
+    # also through a subset, and for tensors (their own item/raw).
+    for d, i in ((ds, 1), (ds.subset([1, 0]), 0)):
+        both = d.item_and_raw(i)
+        assert torch.equal(both[0], d.item(i)) and np.array_equal(both[1], d.raw(i))
+    from interp.data import TensorImages
+
+    t = TensorImages(torch.randn(2, 3, 8, 8))
+    assert torch.equal(t.item_and_raw(1)[0], t.item(1)) and np.array_equal(t.item_and_raw(1)[1], t.raw(1))
 
 
 def test_corrupt_image_is_named_and_can_be_skipped(tmp_path, capsys):
