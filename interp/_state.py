@@ -81,8 +81,12 @@ def channels_last(model: nn.Module, enabled: bool = True) -> Iterator[bool]:
         if enabled:
             for tensor in itertools.chain(model.parameters(), model.buffers()):
                 if tensor.dim() == 4 and not tensor.is_contiguous(memory_format=torch.channels_last):
+                    try:
+                        converted = tensor.data.contiguous(memory_format=torch.channels_last)
+                    except (RuntimeError, NotImplementedError):  # e.g. a layout without strides: keep it
+                        continue
                     saved.append((tensor, tensor.data))
-                    tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
+                    tensor.data = converted
         yield enabled
     finally:
         for tensor, data in reversed(saved):
