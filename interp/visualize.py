@@ -118,7 +118,9 @@ def visualize(
     layers:
         Conv layer names, a comma-separated string or ``"all-conv"``.
     channels, k, batch_size, device, num_workers:
-        As for :func:`interp.mine` (``channels=None``: the first 6).
+        As for :func:`interp.mine` (``channels=None``: the first 6). The
+        ``num_workers`` processes also decode each layer's top images ahead
+        of its projection.
     methods:
         Projection methods: ``"guided"``, ``"deconvnet"``, ``"gradient"``.
     model_id:
@@ -214,28 +216,22 @@ def visualize(
         encoded: set[int] = set()  # input images this rank has already encoded
         lock = threading.Lock()  # guards ``encoded``: each input's bytes go with exactly one job
         loaded: tuple = (None, None)  # (layer, its images): reused by the layer's next method
-        prefetched: dict = {}  # layer -> future of its images, decoded while the layer before projects
         pending: list = []
         workers = _draw_threads()
         t_loop = time.perf_counter()
+        # Under torchrun the next job is whatever the queue hands out; alone the layer order is known.
+        order = None if spread else list(dict.fromkeys(name for name, _ in jobs))
         with eval_mode(model), on_device(model, device) as dev, \
                 tqdm(total=len(jobs), desc="projecting + drawing", unit="panel", leave=False,
                      disable=not progress or (spread and not dist.is_main())) as bar, \
                 ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cnn-internals-draw") as pool, \
-                ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnn-internals-load") as loader, \
-                ThreadPoolExecutor(max_workers=_decode_threads(), thread_name_prefix="cnn-internals-decode") as decoders:
+                _LayerFeed(data, topk, order, dev, num_workers) as feed:
             for j in dist.work_queue(len(jobs)) if spread else range(len(jobs)):
                 name, method = jobs[j]
                 if loaded[0] != name:
                     t0 = time.perf_counter()
-                    future = prefetched.pop(name, None)
-                    loaded = (name, future.result() if future is not None
-                              else _load_layer(data, topk, name, dev, decoders))
-                    spent["loading"] += time.perf_counter() - t0  # only the wait, when prefetched
-                    # Under torchrun the next job is whatever the queue hands out; alone it is known.
-                    following = next((n for n, _ in jobs[j + 1:] if n != name), None) if not spread else None
-                    if following is not None:
-                        prefetched[following] = loader.submit(_load_layer, data, topk, following, dev, decoders)
+                    loaded = (name, feed.get(name))
+                    spent["loading"] += time.perf_counter() - t0  # only the wait, when decoded ahead
                 xs, units, raws = loaded[1]
                 t0 = time.perf_counter()
                 proj = _project_job(model, xs, name, units, method, project_batch_size)
@@ -292,20 +288,96 @@ def visualize(
 def _load_layer(data: IndexedImages, topk: TopK, name: str, dev: torch.device, decoders=None) -> tuple:
     """Model inputs (on ``dev``), units and display images of the top-k images of ``name``.
 
-    ``decoders`` (an executor) decodes the images in parallel: PIL releases
-    the GIL while it decodes and resizes. On an H100 the projection of a
-    whole ResNet-18 report takes 0.8 s, and decoding its ~1,000 top images
-    one at a time (twice each: input and display) took 4.4 s.
+    ``decoders`` (an executor) decodes the images in parallel threads: PIL
+    releases the GIL while it decodes and resizes.
     """
     indices = topk.image_indices(name)
-    local = {idx: i for i, idx in enumerate(indices)}
-
     get = data.item_and_raw
     pairs = list(decoders.map(get, indices)) if decoders is not None else [get(idx) for idx in indices]
-    xs = torch.stack([item for item, _ in pairs]).to(dev)
+    return _layer_inputs(topk, name, torch.stack([x for x, _ in pairs]), [r for _, r in pairs], dev)
+
+
+def _layer_inputs(topk: TopK, name: str, xs: torch.Tensor, raws: list, dev: torch.device) -> tuple:
+    """``(inputs on dev, units indexing them, {dataset index: display image})`` of layer ``name``."""
+    indices = topk.image_indices(name)
+    local = {idx: i for i, idx in enumerate(indices)}
     units = [(local[n], c, y, x) for n, c, y, x in topk.units(name)]
-    raws = {idx: raw for idx, (_, raw) in zip(indices, pairs)}
-    return xs, units, raws
+    return xs.to(dev), units, dict(zip(indices, raws))
+
+
+class _Decoded(torch.utils.data.Dataset):
+    """``item_and_raw`` of a dataset as tensors (shared memory between processes, not pickles)."""
+
+    def __init__(self, data: IndexedImages) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        x, raw = self.data.item_and_raw(index)
+        return x, torch.from_numpy(np.ascontiguousarray(raw))
+
+
+def _collate_layer(items):
+    return torch.stack([x for x, _ in items]), [r for _, r in items]
+
+
+class _LayerFeed:
+    """Each layer's top images, decoded ahead of the projection that needs them.
+
+    With ``order`` (the layers in job order, known when one process does
+    every job) and ``num_workers`` > 0, DataLoader worker processes decode
+    whole layers ahead (one batch per layer, in order): decoding then never
+    competes with the interpreter that launches the projection's kernels (on
+    an H100 decoding in threads slowed a ResNet-18 report's projection from
+    0.8 to 3.9 s). With ``order`` and no workers, one thread decodes the next
+    layer, with a pool of threads, while this one projects. Without ``order``
+    (under torchrun) each layer is decoded when it comes.
+    """
+
+    def __init__(self, data: IndexedImages, topk: TopK, order: list[str] | None, dev: torch.device,
+                 num_workers: int = 0) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.data, self.topk, self.order, self.dev = data, topk, order, dev
+        self.position = 0
+        self.batches = None
+        self.decoders = ThreadPoolExecutor(max_workers=_decode_threads(), thread_name_prefix="cnn-internals-decode")
+        self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnn-internals-load")
+        self.ahead: dict = {}  # layer -> future, in the thread mode
+        if order and num_workers > 0:
+            batches = torch.utils.data.DataLoader(
+                _Decoded(data), batch_sampler=[topk.image_indices(n) for n in order],
+                num_workers=min(num_workers, len(order)), collate_fn=_collate_layer)
+            self.batches = iter(batches)
+
+    def get(self, name: str) -> tuple:
+        """``(inputs on the device, units, display images)`` of layer ``name``."""
+        if self.batches is not None:
+            if self.order[self.position] != name:  # pragma: no cover - the loop asks in order
+                raise RuntimeError(f"internal error: layer {name!r} asked for out of order")
+            self.position += 1
+            xs, raws = next(self.batches)
+            return _layer_inputs(self.topk, name, xs, [r.numpy() for r in raws], self.dev)
+        future = self.ahead.pop(name, None)
+        got = future.result() if future is not None else _load_layer(self.data, self.topk, name, self.dev,
+                                                                     self.decoders)
+        if self.order is not None:
+            at = self.order.index(name)
+            if at + 1 < len(self.order):
+                following = self.order[at + 1]
+                self.ahead[following] = self.loader.submit(_load_layer, self.data, self.topk, following, self.dev,
+                                                           self.decoders)
+        return got
+
+    def __enter__(self) -> "_LayerFeed":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.batches = None  # the DataLoader's workers stop with its iterator
+        self.loader.shutdown(wait=True)
+        self.decoders.shutdown(wait=True)
 
 
 def _decode_threads() -> int:

@@ -231,3 +231,26 @@ def test_mnist_root_limit_and_ambiguous_data_root():
     val = open_images(DATA / "imagenette2-160", None, limit=20)  # train/ + val/ root: val by default
     assert all("/val/" in val.path(val.indices[i]) for i in range(20))
     assert len({Path(val.path(i)).parent.name for i in val.indices}) == 10  # spread over every class
+
+
+def test_worker_processes_decode_ahead_with_the_same_files(tmp_path):
+    """num_workers > 0: the layers' top images come from DataLoader workers, in job order; every file is
+    byte-identical to decoding them in this process."""
+    import importlib.util
+
+    (tmp_path / "tiny_model.py").write_text(FACTORY)
+    spec = importlib.util.spec_from_file_location("tiny_model_w", tmp_path / "tiny_model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model, pre = mod.build()
+    ds = open_images(imagenette_folder(tmp_path / "imgs", n_per_class=2, classes=3), pre)
+    runs = {}
+    for workers in (0, 2):
+        out = tmp_path / f"out{workers}"
+        interp.visualize(model, ds, out, "all-conv", k=3, methods=["guided", "deconvnet"], progress=False,
+                         num_workers=workers)
+        runs[workers] = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
+                         if p.is_file()}
+    assert len(runs[0]) > 5 and runs[0].keys() == runs[2].keys()
+    assert all(runs[0][name] == runs[2][name] for name in runs[0]), \
+        [name for name in runs[0] if runs[0][name] != runs[2][name]]
