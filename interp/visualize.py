@@ -285,15 +285,9 @@ def visualize(
     )
 
 
-def _load_layer(data: IndexedImages, topk: TopK, name: str, dev: torch.device, decoders=None) -> tuple:
-    """Model inputs (on ``dev``), units and display images of the top-k images of ``name``.
-
-    ``decoders`` (an executor) decodes the images in parallel threads: PIL
-    releases the GIL while it decodes and resizes.
-    """
-    indices = topk.image_indices(name)
-    get = data.item_and_raw
-    pairs = list(decoders.map(get, indices)) if decoders is not None else [get(idx) for idx in indices]
+def _load_layer(data: IndexedImages, topk: TopK, name: str, dev: torch.device) -> tuple:
+    """Model inputs (on ``dev``), units and display images of the top-k images of ``name``."""
+    pairs = [data.item_and_raw(idx) for idx in topk.image_indices(name)]
     return _layer_inputs(topk, name, torch.stack([x for x, _ in pairs]), [r for _, r in pairs], dev)
 
 
@@ -324,28 +318,26 @@ def _collate_layer(items):
 
 
 class _LayerFeed:
-    """Each layer's top images, decoded ahead of the projection that needs them.
+    """Each layer's top images, for the projection that needs them.
 
     With ``order`` (the layers in job order, known when one process does
     every job) and ``num_workers`` > 0, DataLoader worker processes decode
-    whole layers ahead (one batch per layer, in order): decoding then never
-    competes with the interpreter that launches the projection's kernels (on
-    an H100 decoding in threads slowed a ResNet-18 report's projection from
-    0.8 to 3.9 s). With ``order`` and no workers, one thread decodes the next
-    layer, with a pool of threads, while this one projects. Without ``order``
-    (under torchrun) each layer is decoded when it comes.
+    whole layers ahead (one batch per layer, in order), so the decoding
+    overlaps the projection without competing with the interpreter that
+    launches its kernels. Otherwise each layer is decoded here when it comes.
+
+    Never in threads of this process: a preprocess is often an ``nn.Module``
+    (torchvision's v2 transforms), and while torch.fx traces a model (the
+    receptive fields a projection asks for) it patches ``nn.Module.__call__``
+    for the whole process, so a module called from another thread lands in
+    the trace and breaks it (seen: ``module is not installed as a submodule``).
     """
 
     def __init__(self, data: IndexedImages, topk: TopK, order: list[str] | None, dev: torch.device,
                  num_workers: int = 0) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         self.data, self.topk, self.order, self.dev = data, topk, order, dev
         self.position = 0
         self.batches = None
-        self.decoders = ThreadPoolExecutor(max_workers=_decode_threads(), thread_name_prefix="cnn-internals-decode")
-        self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnn-internals-load")
-        self.ahead: dict = {}  # layer -> future, in the thread mode
         if order and num_workers > 0:
             batches = torch.utils.data.DataLoader(
                 _Decoded(data), batch_sampler=[topk.image_indices(n) for n in order],
@@ -354,35 +346,19 @@ class _LayerFeed:
 
     def get(self, name: str) -> tuple:
         """``(inputs on the device, units, display images)`` of layer ``name``."""
-        if self.batches is not None:
-            if self.order[self.position] != name:  # pragma: no cover - the loop asks in order
-                raise RuntimeError(f"internal error: layer {name!r} asked for out of order")
-            self.position += 1
-            xs, raws = next(self.batches)
-            return _layer_inputs(self.topk, name, xs, [r.numpy() for r in raws], self.dev)
-        future = self.ahead.pop(name, None)
-        got = future.result() if future is not None else _load_layer(self.data, self.topk, name, self.dev,
-                                                                     self.decoders)
-        if self.order is not None:
-            at = self.order.index(name)
-            if at + 1 < len(self.order):
-                following = self.order[at + 1]
-                self.ahead[following] = self.loader.submit(_load_layer, self.data, self.topk, following, self.dev,
-                                                           self.decoders)
-        return got
+        if self.batches is None:
+            return _load_layer(self.data, self.topk, name, self.dev)
+        if self.order[self.position] != name:  # pragma: no cover - the loop asks in order
+            raise RuntimeError(f"internal error: layer {name!r} asked for out of order")
+        self.position += 1
+        xs, raws = next(self.batches)
+        return _layer_inputs(self.topk, name, xs, [r.numpy() for r in raws], self.dev)
 
     def __enter__(self) -> "_LayerFeed":
         return self
 
     def __exit__(self, *exc) -> None:
         self.batches = None  # the DataLoader's workers stop with its iterator
-        self.loader.shutdown(wait=True)
-        self.decoders.shutdown(wait=True)
-
-
-def _decode_threads() -> int:
-    """Threads decoding a layer's top images: one per CPU, 1 to 8."""
-    return max(1, min(8, os.cpu_count() or 1))
 
 
 def _draw_threads() -> int:
