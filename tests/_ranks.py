@@ -22,12 +22,29 @@ def loopback_env() -> dict[str, str]:
     return {"GLOO_SOCKET_IFNAME": "lo"} if Path("/sys/class/net/lo").exists() else {}
 
 
-def spawn_ranks(worker: Callable, args: tuple, timeout_s: float, nprocs: int = 2, what: str = "ranks") -> None:
+def spawn_ranks(worker: Callable, args: tuple | Callable[[], tuple], timeout_s: float, nprocs: int = 2,
+                what: str = "ranks") -> None:
     """Run ``worker(rank, *args)`` in ``nprocs`` processes; fail (not hang) after ``timeout_s``.
 
     A rank that raises makes ``join`` raise here with its traceback; a hung
-    collective kills the processes and fails the test.
+    collective kills the processes and fails the test. ``args`` may be a
+    function making them: then a rank killed by a signal (a C++ abort, as
+    Gloo does when its port was taken between :func:`free_port` and the
+    rendezvous) is retried once with fresh arguments, i.e. a fresh port. A
+    real fault aborts twice and fails.
     """
+    make = args if callable(args) else (lambda: args)
+    for attempt in range(2 if callable(args) else 1):
+        try:
+            _spawn_once(worker, make(), timeout_s, nprocs, what)
+            return
+        except mp.ProcessExitedException as exc:
+            if attempt == 1 or exc.signal_name is None:
+                raise
+            print(f"spawn_ranks: {exc}; retrying once on a fresh port")
+
+
+def _spawn_once(worker: Callable, args: tuple, timeout_s: float, nprocs: int, what: str) -> None:
     ctx = mp.spawn(worker, args=args, nprocs=nprocs, join=False)
     deadline = time.monotonic() + timeout_s
     while not ctx.join(timeout=2):

@@ -160,7 +160,7 @@ def _worker(rank: int, port: int, out: str, mnist: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory, data_root) -> list[dict]:
     out = tmp_path_factory.mktemp("dist_mine")
-    spawn_ranks(_worker, (free_port(), str(out), str(data_root / "MNIST")), SPAWN_TIMEOUT_S, what="ranks")
+    spawn_ranks(_worker, lambda: (free_port(), str(out), str(data_root / "MNIST")), SPAWN_TIMEOUT_S, what="ranks")
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 

@@ -157,7 +157,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def ddp_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ddp")
-    spawn_ranks(_worker, (free_port(), str(out)), SPAWN_TIMEOUT_S, what="DDP ranks")
+    spawn_ranks(_worker, lambda: (free_port(), str(out)), SPAWN_TIMEOUT_S, what="DDP ranks")
     return out
 
 
