@@ -348,7 +348,7 @@ def aug_spec(train_transform: str, image_size: int, crop_scale: float | None = N
     ``crop_scale`` replaces the recipe's crop by RandomResizedCrop with area
     scale ``crop_scale``..1, as :func:`adapters.recipes.rrc_train` does.
     """
-    from .recipes import JITTER, _scaled
+    from .recipes import JITTER, _scaled, check_crop_scale
 
     jit = (JITTER["brightness"], JITTER["contrast"], JITTER["saturation"], JITTER["hue"])
     base = _scaled(image_size, 256)
@@ -363,8 +363,7 @@ def aug_spec(train_transform: str, image_size: int, crop_scale: float | None = N
         raise ValueError(f"no GPU augmentation for transform {train_transform!r}; known: {', '.join(specs)}")
     spec = specs[train_transform]
     if crop_scale is not None:
-        if spec.crop == "alexnet":
-            raise ValueError("--crop-scale does not apply to alexnet (its crops are tied to the mean image)")
+        check_crop_scale(crop_scale, "alexnet" if spec.crop == "alexnet" else None)
         spec = dataclasses.replace(spec, crop="rrc", short_range=(base, base), scale=(float(crop_scale), 1.0))
     return spec
 

@@ -78,6 +78,7 @@ __all__ = [
     "training_setup",
     "mobilenet_param_groups",
     "rrc_train",
+    "check_crop_scale",
     "JITTER_TRANSFORMS",
 ]
 
@@ -230,6 +231,16 @@ def mobilenet_train(stats: DatasetStats, image_size: int = 224) -> Callable:
 
 #: Training transforms whose recipe includes colour jitter (kept by :func:`rrc_train`).
 JITTER_TRANSFORMS = frozenset({"vgg16_train", "inception_train", "mobilenet_train"})
+
+
+def check_crop_scale(crop_scale: float | None, model: str | None = None) -> None:
+    """One clear error for a ``--crop-scale`` that cannot apply (out of (0, 1], or for AlexNet)."""
+    if crop_scale is None:
+        return
+    if model == "alexnet":
+        raise ValueError("--crop-scale does not apply to alexnet (its crops are tied to the mean image)")
+    if not 0 < crop_scale <= 1:
+        raise ValueError(f"--crop-scale must be in (0, 1], got {crop_scale}")
 
 
 def rrc_train(stats: DatasetStats, image_size: int, scale: tuple[float, float], jitter: bool) -> Callable:
@@ -620,11 +631,7 @@ def training_setup(
         raise ValueError("alexnet trains at 224 px only (lin1 expects 256x6x6 features); drop --image-size")
     if size != recipe.image_size:
         recipe = dataclasses.replace(recipe, image_size=size)
-    if crop_scale is not None:
-        if name == "alexnet":
-            raise ValueError("--crop-scale does not apply to alexnet (its crops are tied to the mean image)")
-        if not 0 < crop_scale <= 1:
-            raise ValueError(f"--crop-scale must be in (0, 1], got {crop_scale}")
+    check_crop_scale(crop_scale, name)
     if stats is None:
         stats = dataset_stats(data_root)
     train_tf, val_tf = recipe.make_transforms(stats, size)

@@ -164,17 +164,21 @@ class IndexedImages(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
         if index < 0 or index >= len(self):
             raise IndexError(index)
+        img = self._read(index, skip=self.skip_corrupt)
+        return None if img is None else (self._model_input(img), index)
+
+    def _read(self, index: int, skip: bool = False) -> Image.Image | None:
+        """The decoded image; an unreadable one is one clear error, or ``None`` with a warning if ``skip``."""
         try:
-            img = self._pil(index)
+            return self._pil(index)
         except (OSError, ValueError, SyntaxError) as exc:
-            if self.skip_corrupt:
-                warnings.warn(f"skipping unreadable image {self.describe(index)}: {exc}", stacklevel=2)
+            if skip:
+                warnings.warn(f"skipping unreadable image {self.describe(index)}: {exc}", stacklevel=3)
                 return None
             raise ValueError(
                 f"cannot read image {self.describe(index)}: {exc}; remove or replace it "
                 "(or pass --skip-corrupt to skip unreadable images with a warning)"
             ) from exc
-        return self._model_input(img), index
 
     def item(self, index: int) -> torch.Tensor:
         """The model-input tensor of dataset item ``index`` (never skipped)."""
@@ -200,10 +204,7 @@ class IndexedImages(torch.utils.data.Dataset):
         """:meth:`item` and :meth:`raw` of one image, decoded and preprocessed once."""
         if type(self).item is not IndexedImages.item or type(self).raw is not IndexedImages.raw:
             return self.item(index), self.raw(index)  # a subclass with its own access
-        try:
-            img = self._pil(index)
-        except (OSError, ValueError, SyntaxError) as exc:
-            raise ValueError(f"cannot read image {self.describe(index)}: {exc}") from exc
+        img = self._read(index)
         x = self._model_input(img)
         return x, self._raw_of(img, x)
 

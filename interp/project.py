@@ -301,21 +301,16 @@ def _project_rows(model, ref, images, units, plans, inputs, rounds, mode_factory
     # GPU work is queued: a host-to-device copy waits for the queue to drain, and one per
     # round after the forward would stall the GPU between forward and backward (5 syncs
     # in a ResNet-18 layer4 call on an H100, more wall time than the launches).
-    table = []
+    table, bounds = [], [0]  # rows (row, channel, y, x, unit); round r is table[bounds[r]:bounds[r + 1]]
     for pairs in rounds:
-        for row, i in pairs:
-            if plans[i][4] < 0 or plans[i][5] < 0:  # pragma: no cover - guard
-                raise RuntimeError("internal error: negative unit position in the crop")
-            table.append((row, int(units[i][1]), plans[i][4], plans[i][5], i))
+        table += [(row, int(units[i][1]), plans[i][4], plans[i][5], i) for row, i in pairs]
+        bounds.append(len(table))
     index = torch.tensor(table, dtype=torch.long).t().to(device)
-    bounds = [0]
-    for pairs in rounds:
-        bounds.append(bounds[-1] + len(pairs))
     with torch.enable_grad(), mode_factory():
         # clone: an in-place op at the model's very first step must not touch
         # the leaf we differentiate against.
         out = forward_to(model, ref, leaf.clone())
-    if max(t[2] for t in table) >= out.shape[2] or max(t[3] for t in table) >= out.shape[3]:  # pragma: no cover
+    if not all(0 <= t[2] < out.shape[2] and 0 <= t[3] < out.shape[3] for t in table):  # pragma: no cover
         raise RuntimeError("internal error: cropped unit position falls outside the cropped output")
     whole = (0, 0) + tuple(images.shape[2:])
     for r, pairs in enumerate(rounds):
@@ -324,15 +319,9 @@ def _project_rows(model, ref, images, units, plans, inputs, rounds, mode_factory
         if not selected.requires_grad:
             raise ValueError(f"layer {ref.name!r} output does not depend on the input images")
         (grad,) = torch.autograd.grad(selected.sum(), leaf, retain_graph=r < len(rounds) - 1)
-        members = [i for _, i in pairs]
-        if all(tuple(plans[i][:4]) == whole for i in members):
-            # Whole images: one gather-and-copy instead of one small copy per unit. Rows
-            # are in order when each unit has its own row (the common case): a slice, no index.
-            grad = grad[rows] if [row for row, _ in pairs] != list(range(len(pairs))) else grad[: len(pairs)]
-            if members == list(range(members[0], members[0] + len(members))):
-                result[members[0] : members[0] + len(members)] = grad.to(result.device)
-            else:
-                result[at.to(result.device)] = grad.to(result.device)
+        if all(tuple(plans[i][:4]) == whole for _, i in pairs):
+            # Whole images: one gather-and-copy instead of one small copy per unit.
+            result.index_copy_(0, at.to(result.device), grad[rows].to(result.device))
             continue
         grad = grad.to(result.device)
         for row, i in pairs:
@@ -358,8 +347,6 @@ def _crop_plans(model, layer: str, shape, units, crop: bool | None) -> list[tupl
     fields are cropped (``ReceptiveField.exact`` and not ``is_global``).
     """
     _, _, height, width = shape
-    if isinstance(units, torch.Tensor):
-        units = units.tolist()
     full = [(0, 0, height, width, int(u[2]), int(u[3])) for u in units]
     if crop is False:
         return full

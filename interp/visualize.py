@@ -287,8 +287,8 @@ def visualize(
 
 def _load_layer(data: IndexedImages, topk: TopK, name: str, dev: torch.device) -> tuple:
     """Model inputs (on ``dev``), units and display images of the top-k images of ``name``."""
-    pairs = [data.item_and_raw(idx) for idx in topk.image_indices(name)]
-    return _layer_inputs(topk, name, torch.stack([x for x, _ in pairs]), [r for _, r in pairs], dev)
+    xs, raws = _collate_layer([data.item_and_raw(idx) for idx in topk.image_indices(name)])
+    return _layer_inputs(topk, name, xs, raws, dev)
 
 
 def _layer_inputs(topk: TopK, name: str, xs: torch.Tensor, raws: list, dev: torch.device) -> tuple:
@@ -314,6 +314,7 @@ class _Decoded(torch.utils.data.Dataset):
 
 
 def _collate_layer(items):
+    """``[(input, display), ...]`` of one layer -> ``(stacked inputs, [display, ...])``."""
     return torch.stack([x for x, _ in items]), [r for _, r in items]
 
 

@@ -339,7 +339,7 @@ def test_shared_forward_for_units_of_the_same_image_is_exact(method):
     model = torchvision.models.resnet18().eval()
     images = torch.randn(3, 3, 48, 48)
     units = [(n, c, c % 2, 1) for n in range(3) for c in range(6)]  # 6 units on each of 3 images
-    assert _rounds(torch.tensor(units), [(0, 0, 48, 48, 1, 1)] * 18, list(range(18))) is not None
+    assert _rounds(units, [(0, 0, 48, 48, 1, 1)] * 18, list(range(18))) is not None
     shared = interp.project(model, images, "layer4.1.conv2", units, method=method, crop=False)
     one_row_each = torch.stack([interp.project(model, images, "layer4.1.conv2", [u], method=method, crop=False)[0]
                                 for u in units])
@@ -355,10 +355,10 @@ def test_crop_is_chosen_by_work_saved_counting_shared_images():
 
     model = torchvision.models.vgg16().features.eval()
     shape = (54, 3, 224, 224)
-    spread = torch.tensor([(n, n % 6, 7, 6) for n in range(54)])
+    spread = [(n, n % 6, 7, 6) for n in range(54)]
     plans = _crop_plans(model, "28", shape, spread, None)
     assert {(b - t, r - l0) for t, l0, b, r, _, _ in plans} == {(208, 208)}
-    shared = torch.tensor([(n % 3, n % 6, n % 14, (3 * n) % 14) for n in range(54)])
+    shared = [(n % 3, n % 6, n % 14, (3 * n) % 14) for n in range(54)]
     assert all(p[:4] == (0, 0, 224, 224) for p in _crop_plans(model, "28", shape, shared, None))
     assert all(p[:4] != (0, 0, 224, 224) for p in _crop_plans(model, "28", shape, shared, True))
 

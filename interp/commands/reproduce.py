@@ -228,8 +228,9 @@ def _check(args: argparse.Namespace) -> tuple[list[str], list[str], list[str]]:
     bad = [s for s in stages if s not in STAGES]
     if bad or not stages:
         raise ValueError(f"unknown stage {', '.join(bad) or '(none given)'}; choose from {', '.join(STAGES)}")
-    if args.crop_scale is not None and not 0 < args.crop_scale <= 1:
-        raise ValueError(f"--crop-scale must be in (0, 1], got {args.crop_scale}")
+    from adapters.recipes import check_crop_scale
+
+    check_crop_scale(args.crop_scale)  # the range; AlexNet's jobs never get the flag
     for flag in ("parallel", "epochs", "limit", "panel_limit", "workers", "image_size", "batch_size"):
         value = getattr(args, flag)
         if value is not None and value < 1:

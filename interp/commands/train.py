@@ -160,14 +160,14 @@ def _train(args: argparse.Namespace, device) -> int:
     # (and the same on every rank; DDP broadcasts rank 0's anyway).
     seed_everything(args.seed)
     kwargs: dict[str, Any] = {"data_root": args.data, "limit": args.limit}
-    if args.image_size is not None:
-        if "image_size" not in inspect.signature(setup).parameters:
-            raise ValueError(f"--image-size does not apply to {args.model} (its input size is fixed)")
-        kwargs["image_size"] = args.image_size
-    if getattr(args, "crop_scale", None) is not None:
-        if "crop_scale" not in inspect.signature(setup).parameters:
-            raise ValueError(f"--crop-scale does not apply to {args.model}")
-        kwargs["crop_scale"] = args.crop_scale
+    # Options only some setups take: a clear error for the others.
+    for key, why in (("image_size", " (its input size is fixed)"), ("crop_scale", "")):
+        value = getattr(args, key, None)
+        if value is None:
+            continue
+        if key not in inspect.signature(setup).parameters:
+            raise ValueError(f"--{key.replace('_', '-')} does not apply to {args.model}{why}")
+        kwargs[key] = value
     # Rank 0 first: a setup may compute and cache dataset statistics, which the others then read.
     spec = _rank0_first(lambda: setup(**kwargs))
     changes: dict[str, Any] = {}
