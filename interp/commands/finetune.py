@@ -132,7 +132,6 @@ def _run(args: argparse.Namespace, device) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    main = dist.is_main()
     t_start = time.perf_counter()
     model, preprocess, model_id = load_model(args.model, args.weights)
     if preprocess is None:
