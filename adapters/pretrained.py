@@ -456,6 +456,8 @@ TFLITE_MOBILENET_V1_FILES = (
     "tflite/mobilenet_v1_1.0_224_quant_embedding_extractor.tflite",
     "tflite/mobilenet_quant_v1_224_head_layers.tflite",
 )
+# Byte-for-byte copies of the two files inside the package (the demo's ImageNet network).
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "weights"
 
 
 class TFLiteMobileNetV1(KerasMobileNetV1):
@@ -545,7 +547,8 @@ def tflite_mobilenet_v1(paths: tuple[str | os.PathLike, str | os.PathLike] | Non
     Parameters
     ----------
     paths:
-        ``(backbone, head)``; default the two files under ``<weights_dir>/tflite``.
+        ``(backbone, head)``; default the two files shipped in ``adapters/weights``
+        (byte-for-byte the ones under ``<weights_dir>/tflite``).
 
     Raises
     ------
@@ -562,7 +565,11 @@ def tflite_mobilenet_v1(paths: tuple[str | os.PathLike, str | os.PathLike] | Non
             "(or pip install -e '.[tflite]')"
         ) from exc
 
-    files = [_weights_file(p, rel) for p, rel in zip(paths or (None, None), TFLITE_MOBILENET_V1_FILES)]
+    if paths is None:
+        # The package ships both files (Apache-2.0, adapters/weights/NOTICE-mobilenet_v1.md), so the
+        # twin and the demo load with no data folder at all.
+        paths = tuple(SHIPPED_WEIGHTS / Path(rel).name for rel in TFLITE_MOBILENET_V1_FILES)
+    files = [_weights_file(p, rel) for p, rel in zip(paths, TFLITE_MOBILENET_V1_FILES)]
     backbone, head = _tflite_graph(files[0]), _tflite_graph(files[1])
     convs = [op for op in backbone if op["op"] in ("CONV_2D", "DEPTHWISE_CONV_2D")]
     model = TFLiteMobileNetV1()

@@ -120,13 +120,32 @@ def test_twin_predictions_match_the_recorded_tflite_runtime(twin):
     assert hits >= 18, hits
 
 
-def test_missing_tflite_file_is_one_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("CNN_INTERNALS_WEIGHTS", str(tmp_path / "weights"))
+def test_missing_tflite_file_is_one_clear_error(tmp_path):
+    from adapters.pretrained import tflite_mobilenet_v1
+
+    missing = tmp_path / "weights" / "tflite" / "mobilenet_v1_1.0_224_quant_embedding_extractor.tflite"
     with pytest.raises(FileNotFoundError) as err:
-        adapters.load("pretrained:mobilenet_v1_100_tflite")
+        tflite_mobilenet_v1((missing, missing.with_name("head.tflite")))
     msg = str(err.value)
     assert "mobilenet_v1_1.0_224_quant_embedding_extractor.tflite" in msg and "\n" not in msg
     assert str(tmp_path / "weights" / "tflite") in msg
+
+
+def test_shipped_tflite_files_are_the_data_folders_and_load_without_it(data_root, tmp_path, monkeypatch):
+    """The package's copies are byte-for-byte the MANIFEST's files; the twin loads with no data folder."""
+    import hashlib
+
+    from adapters.pretrained import SHIPPED_WEIGHTS, TFLITE_MOBILENET_V1_FILES, tflite_mobilenet_v1
+
+    for rel in TFLITE_MOBILENET_V1_FILES:
+        shipped = (SHIPPED_WEIGHTS / Path(rel).name).read_bytes()
+        assert hashlib.sha256(shipped).digest() == hashlib.sha256((data_root / "weights" / rel).read_bytes()).digest()
+    monkeypatch.setenv("CNN_INTERNALS_WEIGHTS", str(tmp_path / "nothing-here"))
+    model, _ = adapters.load("pretrained:mobilenet_v1_100_tflite")
+    reference = tflite_mobilenet_v1(tuple(data_root / "weights" / rel for rel in TFLITE_MOBILENET_V1_FILES))
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
 
 
 def test_fine_tuned_state_dict_sets_the_head_size(tmp_path):
