@@ -2,10 +2,26 @@
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
+
+
+def _unreadable(path: Path, exc: Exception) -> ValueError:
+    """One line on why ``path`` is not a checkpoint, never advice to weaken ``weights_only``.
+
+    torch's own message for a file that holds Python objects recommends
+    ``weights_only=False``, which would run arbitrary code from the file.
+    """
+    if isinstance(exc, pickle.UnpicklingError) and "weights only" in str(exc).lower():
+        return ValueError(
+            f"{path} holds Python objects besides tensors, which are not loaded for safety; "
+            "save a state dict (torch.save(model.state_dict(), path)) or a .safetensors file instead")
+    return ValueError(f"{path} is not a PyTorch checkpoint or a .safetensors file "
+                      f"(corrupt, truncated or another format: {exc.__class__.__name__})")
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -13,22 +29,32 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     A torch file holding ``{"model": state_dict, ...}`` (our training checkpoints)
     is unwrapped to the state dict.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``path`` does not exist.
+    ValueError
+        One line: the file is not a checkpoint, holds Python objects, or does not
+        map names to tensors.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt or not a torch file
-        raise ValueError(f"cannot read checkpoint {path}: {exc.__class__.__name__}: {exc}") from exc
+        if path.suffix == ".safetensors":
+            obj = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any reader failure means "not a checkpoint"
+        raise _unreadable(path, exc) from exc
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
     if not isinstance(obj, dict):
         raise ValueError(f"{path} does not hold a state dict (got {type(obj).__name__})")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"{path} is not a state dict: {bad[0]!r} maps to {type(obj[bad[0]]).__name__}, not a tensor")
     return obj
 
 
@@ -84,12 +110,8 @@ def load_checkpoint(path: str | os.PathLike, required: tuple[str, ...] = ()) -> 
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated / corrupt / not a torch file / unsafe pickle
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise ValueError(
-            f"cannot read checkpoint {path} (corrupt or not a training checkpoint: {reason}); "
-            "delete it to start afresh"
-        ) from exc
+    except Exception as exc:  # noqa: BLE001 - truncated / corrupt / not a torch file / unsafe pickle
+        raise ValueError(f"cannot read checkpoint {path}: {_unreadable(path, exc)}; delete it to start afresh") from exc
     if not isinstance(obj, dict):
         raise ValueError(f"{path} is not a training checkpoint (holds {type(obj).__name__}, not a dict)")
     missing = [k for k in required if k not in obj]
