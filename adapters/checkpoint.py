@@ -16,7 +16,7 @@ def _unreadable(path: Path, exc: Exception) -> ValueError:
     torch's own message for a file that holds Python objects recommends
     ``weights_only=False``, which would run arbitrary code from the file.
     """
-    if isinstance(exc, pickle.UnpicklingError) and "weights only" in str(exc).lower():
+    if isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in str(exc):
         return ValueError(
             f"{path} holds Python objects besides tensors, which are not loaded for safety; "
             "save a state dict (torch.save(model.state_dict(), path)) or a .safetensors file instead")
