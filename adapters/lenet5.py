@@ -86,6 +86,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from PIL import Image
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -604,10 +605,11 @@ def preprocess(image) -> torch.Tensor:
     Parameters
     ----------
     image:
-        A PIL image (converted to mode ``"L"``), or a ``uint8`` tensor / numpy
-        array of shape ``28x28``, ``1x28x28``, ``32x32`` or ``1x32x32``, white
-        digit (255) on black background (0), as in MNIST. 28x28 images are
-        padded by 2 pixels of background.
+        A PIL image (converted to mode ``"L"``; a size other than 28x28 or
+        32x32 is resized to 28x28), or a ``uint8`` tensor / numpy array of
+        shape ``28x28``, ``1x28x28``, ``32x32`` or ``1x32x32``, white digit
+        (255) on black background (0), as in MNIST. 28x28 images are padded by
+        2 pixels of background.
 
     Returns
     -------
@@ -617,17 +619,19 @@ def preprocess(image) -> torch.Tensor:
     if isinstance(image, np.ndarray):
         image = torch.from_numpy(np.ascontiguousarray(image))
     if not isinstance(image, torch.Tensor):
-        try:
-            from PIL import Image
-        except ImportError as exc:  # pragma: no cover - pillow is a dependency
-            raise ValueError(f"cannot preprocess {type(image).__name__}") from exc
         if not isinstance(image, Image.Image):
             raise ValueError(f"expected a PIL image or a uint8 tensor, got {type(image).__name__}")
-        image = torch.from_numpy(np.asarray(image.convert("L"), dtype=np.uint8).copy())
+        image = image.convert("L")
+        if image.size not in ((28, 28), (32, 32)):
+            # An ordinary photo or scan: shrink it to MNIST's 28x28 (the network
+            # only reads 32x32 inputs) rather than fail on its shape.
+            image = image.resize((28, 28), Image.BILINEAR)
+        image = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
     if image.dim() == 3 and image.shape[0] == 1:
         image = image[0]
     if image.dim() != 2:
-        raise ValueError(f"expected a single 28x28 or 32x32 greyscale image, got shape {tuple(image.shape)}")
+        raise ValueError(f"LeNet-5 takes one 28x28 or 32x32 greyscale image, got a tensor of shape "
+                         f"{tuple(image.shape)}; pass a PIL image (any size is resized to 28x28) or crop it")
     return to_input(image.unsqueeze(0))[0]
 
 

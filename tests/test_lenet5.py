@@ -479,3 +479,19 @@ def test_cli_train_tiny_run(tmp_path, capsys):
     model, _ = L.load(weights=tmp_path / "lenet5.safetensors")
     assert isinstance(model, L.LeNet5)
     assert "epoch 1/1" in capsys.readouterr().out
+
+
+def test_preprocess_resizes_an_ordinary_photo_to_the_mnist_grid():
+    """A 160 px colour photo becomes a 1x32x32 input: greyscale, 28x28, padded like MNIST."""
+    from PIL import Image
+
+    from adapters.lenet5 import preprocess, to_input
+
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, size=(160, 120, 3), dtype=np.uint8))
+    x = preprocess(photo)
+    small = np.asarray(photo.convert("L").resize((28, 28), Image.BILINEAR), dtype=np.uint8)
+    assert x.shape == (1, 32, 32)
+    assert torch.equal(x, to_input(torch.from_numpy(small.copy())[None])[0])
+    with pytest.raises(ValueError, match="28x28 or 32x32 greyscale image, got a tensor of shape"):
+        preprocess(torch.zeros(3, 64, 64, dtype=torch.uint8))
