@@ -22,11 +22,13 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
-from conftest import REPO
 from interp.cli import build_parser
-from test_gallery import CHROMIUM_FLAGS, chromium
 
+REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs"
+sys.path.insert(0, str(REPO / "tests"))  # also when run as a script
+from test_gallery import CHROMIUM_FLAGS, chromium  # noqa: E402
+
 PAGES = sorted(DOCS.rglob("*.md"))
 
 
@@ -145,3 +147,22 @@ def test_site_has_no_broken_links_or_images(site, tmp_path):
             elif url.fragment and target.suffix == ".html" and unquote(url.fragment) not in _ids(target, anchors):
                 problems.append(f"{name}: link to a missing anchor {href}")
     assert not problems, "\n".join(problems)
+
+
+def readme_as_index(readme: str) -> str:
+    """The site's home page: the README with its links made relative to ``docs/``."""
+    t = readme.replace("](docs/images/", "](images/").replace("](docs/guide/", "](guide/").replace("](docs/", "](")
+    t = t.replace("[`docs/`](", "`docs/` (").replace("(`docs/` (", "(")
+    t = t.replace("[`benchmarks/RESULTS.md`](benchmarks/RESULTS.md)", "`benchmarks/RESULTS.md` in the repository")
+    return t.replace("The documentation site is built from `docs/` () with MkDocs Material",
+                     "This site is built from the `docs/` folder of the repository with MkDocs Material")
+
+
+def test_home_page_is_the_readme():
+    expected = readme_as_index((REPO / "README.md").read_text())
+    assert (DOCS / "index.md").read_text() == expected, (
+        "docs/index.md is out of date with README.md: run `python tests/docs/test_site.py`")
+
+
+if __name__ == "__main__":  # regenerate docs/index.md from the README
+    (DOCS / "index.md").write_text(readme_as_index((REPO / "README.md").read_text()))
