@@ -34,8 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cka import cka_matrix, gram_linear
+from .panels import encode_figure, font
 from .data import IndexedImages
-from .mine import _batches, _module_of, eval_mode, on_device, resolve_layers
+from .capture import LayerTaps
+from .mine import eval_mode, iter_batches, on_device, resolve_layers
 from .topk import write_atomic
 from .visualize import slug, visualize
 
@@ -57,6 +59,8 @@ class CompareResult:
     heatmap_path: Path | None = None
     json_path: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    # "A <layer>" / "B <layer>" -> the engine's notes on that layer (VisualizeResult.notes)
+    notes: dict[str, list[str]] = field(default_factory=dict)
 
 
 def layer_grams(
@@ -79,7 +83,7 @@ def layer_grams(
     data:
         Images with the model's preprocessing, or an ``N x C x H x W`` tensor.
     layers:
-        Canonical module names (:func:`interp.mine.resolve_layers`).
+        Canonical layer names (:func:`interp.mine.resolve_layers`): modules or traced nodes.
     grid:
         Spatial maps are average-pooled to at most ``grid x grid`` before
         flattening (``0``: keep the full map).
@@ -93,37 +97,28 @@ def layer_grams(
     from tqdm.auto import tqdm
 
     feats: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
-    modules = {name: _module_of(model, name) for name in layers}
+    taps = LayerTaps(model, layers)
 
-    def keep(name: str):
-        def hook(_module, _inputs, out):
-            if isinstance(out, (tuple, list)):
-                out = out[0]
-            t = out.detach()
-            if t.ndim == 4 and grid and (t.shape[-2] > grid or t.shape[-1] > grid):
-                t = F.adaptive_avg_pool2d(t, (min(grid, t.shape[-2]), min(grid, t.shape[-1])))
-            feats[name].append(t.reshape(t.shape[0], -1).float().cpu())
-
-        return hook
+    def keep(name: str, out) -> None:
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        t = out.detach()
+        if t.ndim == 4 and grid and (t.shape[-2] > grid or t.shape[-1] > grid):
+            t = F.adaptive_avg_pool2d(t, (min(grid, t.shape[-2]), min(grid, t.shape[-1])))
+        feats[name].append(t.reshape(t.shape[0], -1).float().cpu())
 
     indices: list[int] = []
-    handles = []
-    try:
-        with eval_mode(model), on_device(model, device) as dev, torch.no_grad():
-            handles = [modules[n].register_forward_hook(keep(n)) for n in layers]
-            total = len(data) if hasattr(data, "__len__") else None
-            bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False)
-            for batch in _batches(data, batch_size, 0):
-                if batch is None:
-                    continue
-                xs, idx = batch
-                model(xs.to(dev))
-                indices.extend(int(i) for i in idx)
-                bar.update(len(xs))
-            bar.close()
-    finally:
-        for h in handles:
-            h.remove()
+    with eval_mode(model), on_device(model, device) as dev, torch.no_grad(), taps.attached(keep) as run:
+        total = len(data) if hasattr(data, "__len__") else None
+        bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False)
+        for batch in iter_batches(data, batch_size, 0):
+            if batch is None:
+                continue
+            xs, idx = batch
+            run(xs.to(dev))  # stops after the deepest layer
+            indices.extend(int(i) for i in idx)
+            bar.update(len(xs))
+        bar.close()
     return [gram_linear(torch.cat(feats[n])) for n in layers], indices
 
 
@@ -131,10 +126,8 @@ def side_by_side(left: Path, right: Path, left_title: str, right_title: str, gap
     """Two panel images next to each other on white, each under its title, as ``H x W x 3`` uint8."""
     from PIL import Image, ImageDraw
 
-    from .panels import _font
-
     a, b = Image.open(left).convert("RGB"), Image.open(right).convert("RGB")
-    font = _font(16)
+    fnt = font(16)
     head = 28
     w = a.width + gap + b.width
     h = head + max(a.height, b.height)
@@ -142,8 +135,8 @@ def side_by_side(left: Path, right: Path, left_title: str, right_title: str, gap
     canvas.paste(a, (0, head))
     canvas.paste(b, (a.width + gap, head))
     draw = ImageDraw.Draw(canvas)
-    draw.text((4, 6), "A: " + left_title, fill="black", font=font)
-    draw.text((a.width + gap + 4, 6), "B: " + right_title, fill="black", font=font)
+    draw.text((4, 6), "A: " + left_title, fill="black", font=fnt)
+    draw.text((a.width + gap + 4, 6), "B: " + right_title, fill="black", font=fnt)
     return np.asarray(canvas)
 
 
@@ -279,15 +272,15 @@ def compare(
 
     t0 = time.perf_counter()
     result = CompareResult(out_dir=out_dir, layers_a=names_a, layers_b=names_b, cka=cka, n_images=len(idx_a),
-                           cka_layers_a=cka_a, cka_layers_b=cka_b)
+                           cka_layers_a=cka_a, cka_layers_b=cka_b,
+                           notes={**{f"A {n}": v for n, v in vis_a.notes.items()},
+                                  **{f"B {n}": v for n, v in vis_b.notes.items()}})
     for la, lb in zip(names_a, names_b):
         for method in methods:
             fig = side_by_side(vis_a.panels[(la, method)], vis_b.panels[(lb, method)],
                                f"{id_a} {la}", f"{id_b} {lb}")
-            from .panels import _encode
-
             path = out_dir / f"compare_{slug(la)}_vs_{slug(lb)}_{method}.png"
-            write_atomic(path, _encode(fig, "png"))
+            write_atomic(path, encode_figure(fig, "png"))
             result.panels[(la, lb, method)] = path
     result.heatmap_path = write_atomic(out_dir / "cka.png", _heatmap_png(cka, cka_a, cka_b, id_a, id_b, len(idx_a)))
     summary = {

@@ -6,6 +6,9 @@ works from ``file://`` (where browsers refuse ``fetch``). It lists every
 layer; per channel the top-k tiles (projection for the selected method, the
 input crop below); hovering, focusing or clicking a tile shows the full input
 image with the unit's receptive-field box drawn on it (a click pins it).
+A layer the engine could not handle exactly (a measured or global-context
+receptive field, a nonlinearity without a projection rule) shows its notes
+in a box under its title, and its link in the navigation carries a mark.
 
 The page is built from ``gallery.json``, written by :func:`interp.visualize`.
 """
@@ -43,6 +46,10 @@ section.layer h2{font-size:17px;margin:4px 0}
 #viewer-box{position:absolute;border:2px solid #f22;box-shadow:0 0 0 1px #fff;box-sizing:border-box;display:none}
 #viewer-caption{font-size:12px;line-height:1.4;margin-top:8px;word-break:break-all}
 .hint{font-size:12px;color:#666}
+.notes{margin:4px 0 8px;padding:6px 10px;background:#fff4e0;border-left:4px solid #e08a00;font-size:13px;
+  max-width:900px}
+.notes p{margin:2px 0}
+nav a.noted::after{content:" \26A0";color:#c06000}
 """
 
 _JS = """
@@ -110,6 +117,9 @@ def load_manifest(out_dir: str | Path) -> dict:
     return data
 
 
+_NOTED = ' class="noted" title="this layer has notes"'
+
+
 def _attr(v: object) -> str:
     return html.escape(str(v), quote=True)
 
@@ -136,12 +146,16 @@ def render_html(manifest: dict) -> str:
         + "</select></label>",
         f'<span class="hint">top-{manifest["k"]} of {manifest["n_images"]} images; hover or click a tile '
         "to see its receptive field on the input</span>",
-        "<nav>" + "".join(f'<a href="#layer-{i}">{_attr(L["name"])}</a>' for i, L in enumerate(manifest["layers"]))
+        "<nav>" + "".join(f'<a href="#layer-{i}"{_NOTED if L.get("notes") else ""}>{_attr(L["name"])}</a>'
+                          for i, L in enumerate(manifest["layers"]))
         + "</nav></header>",
         "<main>",
     ]
     for li, layer in enumerate(manifest["layers"]):
         out.append(f'<section class="layer" id="layer-{li}"><h2>{_attr(layer["title"])}</h2>')
+        if layer.get("notes"):  # (manifests written before notes existed have none)
+            out.append('<div class="notes" role="note"><strong>Note:</strong>'
+                       + "".join(f"<p>{_attr(n)}</p>" for n in layer["notes"]) + "</div>")
         out.append('<div class="panels">panel: ' + "".join(
             f'<a href="{_attr(p)}">{_attr(METHOD_NAMES.get(m, m))}</a>' for m, p in layer["panels"].items()
         ) + "</div>")

@@ -11,58 +11,80 @@ from __future__ import annotations
 import math
 import warnings
 from contextlib import contextmanager
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from ._state import StopForward, as_channels_last, preserved
+from . import dist
+from ._state import as_channels_last, preserved
 from ._state import channels_last as _channels_last
+from .capture import LayerTaps
+from .layers import block_layers, children_layers, conv_layers, layer_kind, resolve_layer
+from .layer_fields import collected_notes, layer_fields
 from .topk import Entry, LayerInfo, TopK
 
-__all__ = ["mine", "resolve_layers"]
+__all__ = ["mine", "resolve_layers", "iter_batches", "first_image", "eval_mode", "on_device",
+           "collected_notes", "layer_fields"]
 
 DEFAULT_CHANNELS = 6
 
 
-def resolve_layers(model: nn.Module, layers: str | Sequence[str]) -> list[str]:
-    """Canonical module names for ``layers``.
+def resolve_layers(model: nn.Module, layers: str | Sequence[str],
+                   example: torch.Tensor | Callable[[], torch.Tensor | None] | None = None) -> list[str]:
+    """Canonical layer names for ``layers``.
 
-    ``layers`` is a list of names (aliases from ``model.layer_aliases``
-    accepted), a comma-separated string, or ``"all-conv"`` for every
-    ``nn.Conv2d`` in forward order. Duplicates are dropped (first kept).
+    Parameters
+    ----------
+    model:
+        The model the names belong to.
+    layers:
+        A list of names or a comma-separated string of them. A name is any
+        layer of :func:`interp.layers` (module path, traced functional node
+        such as ``"layer1.0.add"``, ``model.layer_aliases`` key, ``convN``) or
+        a selector: ``"all-conv"`` (every ``nn.Conv2d`` in forward order),
+        ``"all-blocks"`` (every block, see :func:`interp.layers.block_layers`)
+        or ``"children:NAME"`` (the children of module ``NAME`` with a
+        feature-map output, e.g. ``"children:layer2"``). Duplicates are
+        dropped (first kept).
+    example:
+        An input image batch (or a function returning one, called only when
+        needed) for the forward pass that tells blocks with a feature-map
+        output from the others; default: a zero 224 x 224 image.
     """
-    from .layers import conv_layers, resolve_layer
-
     if isinstance(layers, str):
-        if layers.strip() == "all-conv":
-            names = list(conv_layers(model))
-            if not names:
-                raise ValueError("the model has no nn.Conv2d layer; name the layers to use with --layers")
-            return names
         layers = [s.strip() for s in layers.split(",") if s.strip()]
     if not layers:
-        raise ValueError("no layer given; pass layer names (see `cnn-internals layers MODEL`) or 'all-conv'")
+        raise ValueError("no layer given; pass layer names (see `cnn-internals layers MODEL`), 'all-conv', "
+                         "'all-blocks' or 'children:NAME'")
+    probe: list = []
+
+    def example_input():  # one read of the data at most, and only for block selectors
+        if not probe:
+            probe.append(example() if callable(example) else example)
+        return probe[0]
+
     out: list[str] = []
     for name in layers:
         if name == "all-conv":
             canon_list = list(conv_layers(model))
+            if not canon_list:
+                raise ValueError("the model has no nn.Conv2d layer; name the layers to use with --layers")
+        elif name == "all-blocks":
+            canon_list = block_layers(model, example_input())
+            if not canon_list:
+                raise ValueError("the model has no blocks (modules made of modules, with a feature-map output); "
+                                 "name the layers to use with --layers, or use all-conv")
+        elif name.startswith("children:"):
+            canon_list = children_layers(model, name[len("children:"):].strip(), example_input())
+            if not canon_list:
+                raise ValueError(f"{name}: no child has a feature-map (N x C x H x W) output")
         else:
             canon_list = [resolve_layer(model, name).name]
         for canon in canon_list:
             if canon not in out:
                 out.append(canon)
     return out
-
-
-def _module_of(model: nn.Module, name: str) -> nn.Module:
-    modules = dict(model.named_modules())
-    if name not in modules:
-        raise ValueError(
-            f"layer {name!r} is not a submodule (it is a functional operation); mining hooks modules: "
-            "pick a module layer from `cnn-internals layers MODEL`"
-        )
-    return modules[name]
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -112,10 +134,11 @@ class _Running:
 
     def update(self, out: torch.Tensor, index: torch.Tensor) -> None:
         if not isinstance(out, torch.Tensor) or out.ndim != 4:
-            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            shape = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
             raise ValueError(
-                f"layer {self.name!r} outputs {shape}; mining needs N x C x H x W feature maps "
-                "(pick a convolutional layer)"
+                f"layer {self.name!r} outputs {shape}, not an N x C x H x W feature map, so it has no units "
+                "to mine: pick a layer with a spatial output (a conv, activation or block: see "
+                "`cnn-internals layers MODEL --blocks`)"
             )
         b, c, h, w = out.shape
         if self.vals is None:
@@ -205,25 +228,7 @@ class _Running:
         return out
 
 
-def _receptive_fields(model: nn.Module, names: list[str], input_size: tuple[int, int],
-                      in_channels: int) -> dict:
-    """Receptive fields of ``names`` (one trace for all; per layer on failure)."""
-    from .rf import receptive_field, receptive_fields
-
-    try:
-        return receptive_fields(model, input_size, names, in_channels)
-    except Exception:
-        out = {}
-        for n in names:
-            try:
-                out[n] = receptive_field(model, n, input_size, in_channels)
-            except Exception as exc:  # boxes are optional for mining itself
-                warnings.warn(f"no receptive field for layer {n!r} ({exc}); crops and boxes unavailable",
-                              stacklevel=3)
-        return out
-
-
-def _batches(data, batch_size: int, num_workers: int,
+def iter_batches(data, batch_size: int, num_workers: int,
              positions: range | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor] | None]:
     """Yield ``(images, dataset_indices)`` batches from any supported data.
 
@@ -260,6 +265,23 @@ def _batches(data, batch_size: int, num_workers: int,
         start += len(xs)
 
 
+def first_image(data) -> torch.Tensor | None:
+    """The first image of ``data`` as a ``1 x C x H x W`` batch, ``None`` if it cannot be read.
+
+    For the forward pass that picks blocks with a feature-map output
+    (``all-blocks``) at the size the data really has.
+    """
+    try:
+        if isinstance(data, torch.Tensor):
+            return data[:1] if data.ndim == 4 and len(data) else None
+        item = data[0]
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        x = x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
+        return x[None] if x.ndim == 3 else None
+    except Exception:  # noqa: BLE001 - an unreadable first image: mining names it, not this probe
+        return None
+
+
 def mine(
     model: nn.Module,
     data,
@@ -290,8 +312,10 @@ def mine(
         ``N x C x H x W`` tensor, or any dataset whose items are images or
         ``(image, label)`` tuples (then the index is the item's position).
     layers:
-        Layer names (see :func:`interp.layers`), a comma-separated string, or
-        ``"all-conv"``.
+        Layer names (see :func:`interp.layers`: modules, traced functional
+        nodes such as ``"layer1.0.add"``), a comma-separated string, or the
+        selectors ``"all-conv"``, ``"all-blocks"``, ``"children:NAME"`` (see
+        :func:`resolve_layers`). Every layer must output ``N x C x H x W``.
     channels:
         Channels to mine, for every layer or as ``{layer: channels}``.
         ``None`` (default) means the first 6 (``range(6)``), or all of a layer
@@ -333,9 +357,16 @@ def mine(
 
     Notes
     -----
-    The forward pass is cut short (by an exception raised in a hook and
-    caught here) as soon as every requested layer has produced its output.
-    A module called several times per forward is recorded at its first call.
+    One forward pass per batch serves every layer (:class:`interp.capture.LayerTaps`):
+    forward hooks when all layers are modules, the model's fx graph run on
+    the model's own modules when one is a traced functional node. The pass is
+    cut short as soon as every requested layer has produced its output. A
+    module called several times per forward is recorded at its first call.
+
+    ``LayerInfo.notes`` holds what the receptive-field analysis said about
+    each layer (its :class:`interp.notices.EngineWarning` messages and the
+    field's ``notes``), once per layer; each of those warnings is also
+    raised once (on rank 0 under torchrun).
 
     Distributed (under ``torchrun``, see :mod:`interp.dist`): each rank mines
     a contiguous block of whole batches (the batches one process would form;
@@ -348,95 +379,40 @@ def mine(
         raise ValueError(f"k must be at least 1, got {k}")
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
-    from .layers import conv_layers
-
-    names = resolve_layers(model, layers)
-    modules = {n: _module_of(model, n) for n in names}
-    if isinstance(channels, Mapping):
-        chan_of = {}
-        for key, chs in channels.items():
-            chan_of[resolve_layers(model, [key])[0]] = [int(c) for c in chs]
-    else:
-        chan_of = {n: ([int(c) for c in channels] if channels is not None else None) for n in names}
-    for n in names:
-        chs = chan_of.get(n)
-        if chs is not None and (not chs or len(set(chs)) != len(chs)):
-            raise ValueError(f"channels for layer {n!r} must be a non-empty list without repeats, got {chs}")
+    names = resolve_layers(model, layers, example=lambda: first_image(data))
+    taps = LayerTaps(model, names)
+    chan_of = _channel_plan(model, names, channels)
     running = {n: _Running(n, chan_of.get(n), k) for n in names}
-
-    fired: set[str] = set()
     current: dict[str, torch.Tensor] = {}
 
-    def make_hook(name: str):
-        def hook(module, inputs, output):
-            if name in fired:
-                return None  # later calls of a shared module: first call wins
-            fired.add(name)
-            running[name].update(output, current["index"])
-            if len(fired) == len(names):
-                raise StopForward
-            return None
-
-        return hook
+    def sink(name: str, output) -> None:
+        running[name].update(output, current["index"])
 
     from tqdm.auto import tqdm
 
-    from . import dist
-
-    spread = dist.active() if distributed is None else bool(distributed)
-    if spread and not dist.active():
-        raise ValueError("distributed=True needs an initialised torch.distributed process group with more than "
-                         "one process: start the script with torchrun (see interp.dist.init_from_env)")
-    try:
-        total = len(data)
-    except TypeError:
-        total = None
-    positions = None
-    if spread:
-        if total is None:
-            raise ValueError(f"distributed mining splits the data by position, so it needs a length; "
-                             f"{type(data).__name__} has none (pass a Dataset or a tensor)")
-        positions = dist.shard_blocks(total, batch_size)
-        dist.check_same_module(model)  # results of different models would merge silently
+    spread, total, positions = _shard(model, data, batch_size, distributed)
 
     def mine_here() -> dict:
         """One pass over this process's images; returns what the merge needs."""
         n_images = 0
         input_size: tuple[int, int] | None = None
         in_channels: int | None = None
-        handles = []
         with eval_mode(model), on_device(model, device) as dev, _channels_last(model, channels_last), \
-                torch.no_grad():
-            try:
-                for n in names:
-                    handles.append(modules[n].register_forward_hook(make_hook(n)))
-                with tqdm(total=len(positions) if spread else total, unit="img", dynamic_ncols=True, leave=False,
-                          desc=f"mining {len(names)} layer(s)" + (f" (rank 0 of {dist.world()[1]})" if spread else ""),
-                          disable=not progress or (spread and not dist.is_main())) as bar:
-                    for batch in _batches(data, batch_size, num_workers, positions):
-                        if batch is None:  # every item of the batch was skipped
-                            continue
-                        xs, idx = batch
-                        if input_size is None:
-                            input_size = (int(xs.shape[-2]), int(xs.shape[-1]))
-                            in_channels = int(xs.shape[1])
-                        fired.clear()
-                        current["index"] = idx
-                        try:
-                            model(as_channels_last(xs.to(dev), channels_last))
-                        except StopForward:
-                            pass
-                        missing = [n for n in names if n not in fired]
-                        if missing:
-                            raise RuntimeError(
-                                f"layer(s) {', '.join(missing)} did not run in the forward pass; "
-                                "pick layers that the model's forward uses"
-                            )
-                        n_images += len(idx)
-                        bar.update(len(idx))
-            finally:
-                for h in handles:
-                    h.remove()
+                torch.no_grad(), taps.attached(sink) as run, \
+                tqdm(total=len(positions) if spread else total, unit="img", dynamic_ncols=True, leave=False,
+                     desc=f"mining {len(names)} layer(s)" + (f" (rank 0 of {dist.world()[1]})" if spread else ""),
+                     disable=not progress or (spread and not dist.is_main())) as bar:
+            for batch in iter_batches(data, batch_size, num_workers, positions):
+                if batch is None:  # every item of the batch was skipped
+                    continue
+                xs, idx = batch
+                if input_size is None:
+                    input_size = (int(xs.shape[-2]), int(xs.shape[-1]))
+                    in_channels = int(xs.shape[1])
+                current["index"] = idx
+                run(as_channels_last(xs.to(dev), channels_last))
+                n_images += len(idx)
+                bar.update(len(idx))
         return {"n_images": n_images, "input_size": input_size, "in_channels": in_channels}
 
     if spread:
@@ -453,46 +429,98 @@ def mine(
     if n_images == 0:
         raise ValueError("no images to mine: the dataset is empty (or every image was skipped)")
 
+    fields: dict = {}
+    if receptive_fields:
+        # Under torchrun rank 0 traces once and the others get its plain dicts
+        # (notes included), so every rank returns the same TopK.
+        if not spread or dist.is_main():
+            caught: list = []
+            fields = layer_fields(model, names, input_size, in_channels, caught)
+            for w in caught:  # said once per layer here too (visualize keeps them as notes instead)
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if spread:
+            fields = dist.broadcast(fields)
     try:
         conv_order = list(conv_layers(model))
-    except Exception:  # numbering is cosmetic; never fail mining over it
+    except Exception:  # noqa: BLE001 - numbering is cosmetic; never fail mining over it
         conv_order = []
-    path_of = getattr(data, "path", None)
-    rfs: dict = {}
-    if receptive_fields:
-        # Under torchrun rank 0 traces (and warns) once; the others get plain tuples.
-        if not spread or dist.is_main():
-            traced = _receptive_fields(model, names, input_size, in_channels)
-            rfs = {n: (tuple(rf.size), tuple(rf.stride), tuple(rf.offset), bool(rf.is_global))
-                   for n, rf in traced.items()}
-        if spread:
-            rfs = dist.broadcast(rfs)
     result = TopK(model_id=model_id, k=k, n_images=n_images, input_size=input_size)
     for n in names:
-        r = running[n]
-        info = LayerInfo(
-            name=n, kind=type(modules[n]).__name__, channels=list(r.channels), out_shape=r.out_shape,
-            number=conv_order.index(n) + 1 if n in conv_order else None, input_size=input_size,
-        )
-        rf = rfs.get(n)
-        if rf is not None:
-            size, stride, offset, is_global = rf
-            info.rf_size = tuple(int(v) for v in size)
-            info.rf_stride = tuple(int(v) for v in stride)
-            info.rf_offset = tuple(int(v) for v in offset)
-            info.rf_global = is_global
-        vals, idx, pos = r.vals.cpu(), r.idx.cpu(), r.pos.cpu()
-        w = r.out_shape[2]
-        per: dict[int, list[Entry]] = {}
-        for ci, c in enumerate(r.channels):
-            lst = []
-            for rank in range(vals.shape[1]):
-                p = int(pos[ci, rank])
-                y, x = divmod(p, w)
-                i = int(idx[ci, rank])
-                lst.append(Entry(layer=n, channel=c, rank=rank, index=i, y=y, x=x, value=float(vals[ci, rank]),
-                                 path=path_of(i) if callable(path_of) else None, box=info.box(y, x)))
-            per[c] = lst
-        result.layers[n] = info
-        result.entries[n] = per
+        _add_layer(result, model, running[n], fields.get(n), getattr(data, "path", None), conv_order)
     return result
+
+
+def _channel_plan(model: nn.Module, names: list[str],
+                  channels: Sequence[int] | Mapping[str, Sequence[int]] | None) -> dict[str, list[int] | None]:
+    """Channels to mine per layer (``None``: decided from the layer's output), validated."""
+    if isinstance(channels, Mapping):
+        chan_of: dict[str, list[int] | None] = {}
+        for key, chs in channels.items():
+            chan_of[resolve_layers(model, [key])[0]] = [int(c) for c in chs]
+    else:
+        chan_of = {n: ([int(c) for c in channels] if channels is not None else None) for n in names}
+    for n in names:
+        chs = chan_of.get(n)
+        if chs is not None and (not chs or len(set(chs)) != len(chs)):
+            raise ValueError(f"channels for layer {n!r} must be a non-empty list without repeats, got {chs}")
+    return chan_of
+
+
+def _shard(model: nn.Module, data, batch_size: int, distributed: bool | None) -> tuple[bool, int | None, range | None]:
+    """``(spread over ranks?, number of items or None, this rank's positions or None)``."""
+    spread = dist.active() if distributed is None else bool(distributed)
+    if spread and not dist.active():
+        raise ValueError("distributed=True needs an initialised torch.distributed process group with more than "
+                         "one process: start the script with torchrun (see interp.dist.init_from_env)")
+    try:
+        total = len(data)
+    except TypeError:
+        total = None
+    positions = None
+    if spread:
+        if total is None:
+            raise ValueError(f"distributed mining splits the data by position, so it needs a length; "
+                             f"{type(data).__name__} has none (pass a Dataset or a tensor)")
+        positions = dist.shard_blocks(total, batch_size)
+        dist.check_same_module(model)  # results of different models would merge silently
+    return spread, total, positions
+
+
+def _add_layer(result: TopK, model: nn.Module, r: _Running, field: dict | None, path_of,
+               conv_order: list[str]) -> None:
+    """Put one mined layer (its :class:`LayerInfo` and entries) into ``result``."""
+    n = r.name
+    info = LayerInfo(
+        name=n, kind=layer_kind(model, n), channels=list(r.channels), out_shape=r.out_shape,
+        number=conv_order.index(n) + 1 if n in conv_order else None, input_size=result.input_size,
+    )
+    if field is not None:
+        info.notes = list(field["notes"])
+        if "size" in field:
+            info.rf_size = tuple(int(v) for v in field["size"])
+            info.rf_stride = tuple(int(round(v)) for v in field["stride"])  # (a mean step after upsampling)
+            info.rf_offset = tuple(int(v) for v in field["offset"])
+            info.rf_global = bool(field["is_global"])
+            info.rf_local = bool(field["local"])
+            info.rf_measured = bool(field["measured"])
+    spatial = field.get("spatial") if field is not None else None
+    if spatial is not None:
+        # Per channel: after a concat of branches (Inception) a channel sees only its branch's field.
+        def box_of(y: int, x: int, c: int) -> tuple[int, int, int, int]:
+            return tuple(int(v) for v in spatial.box(y, x, channel=c))
+    else:
+        def box_of(y: int, x: int, c: int) -> tuple[int, int, int, int] | None:
+            return info.box(y, x)
+    vals, idx, pos = r.vals.cpu(), r.idx.cpu(), r.pos.cpu()
+    w = r.out_shape[2]
+    per: dict[int, list[Entry]] = {}
+    for ci, c in enumerate(r.channels):
+        lst = []
+        for rank in range(vals.shape[1]):
+            y, x = divmod(int(pos[ci, rank]), w)
+            i = int(idx[ci, rank])
+            lst.append(Entry(layer=n, channel=c, rank=rank, index=i, y=y, x=x, value=float(vals[ci, rank]),
+                             path=path_of(i) if callable(path_of) else None, box=box_of(y, x, c)))
+        per[c] = lst
+    result.layers[n] = info
+    result.entries[n] = per

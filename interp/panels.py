@@ -2,7 +2,9 @@
 
 A panel shows, for each channel (the first 6 by default), a 3 x 3 grid of the
 top-9 projections on the left half of the figure and the matching crops of
-the input images on the right half, titled ``Layer N (convN)``.
+the input images on the right half, titled ``Layer N (convN)`` for a conv
+layer and ``NAME (KIND)`` for any other layer with a feature-map output
+(``layer1.0 (BasicBlock)``, ``layer1.0.add (add)``).
 
 Cropping rule (the seed's): a tile is the unit's receptive-field box, for the
 projection *and* for the input, so both halves show the same pixels. Boxes
@@ -20,6 +22,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -30,7 +33,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .topk import Entry, TopK, write_atomic
 
-__all__ = ["PanelTiles", "panel_tiles", "render_panel", "panel", "crop_tile", "normalise_tile", "METHOD_NAMES"]
+__all__ = ["PanelTiles", "panel_tiles", "render_panel", "panel", "crop_tile", "normalise_tile", "METHOD_NAMES",
+           "encode_figure", "font", "layer_title"]
 
 PAD = 0.5  # neutral grey for the parts of a box outside the image
 METHOD_NAMES = {"guided": "guided backprop", "deconvnet": "deconvnet", "gradient": "gradient"}
@@ -50,10 +54,15 @@ class PanelTiles:
     entries:
         ``entries[b][r]``: the :class:`Entry` of block ``b``, rank ``r``.
     proj, crops:
-        ``[b][r]`` float32 ``h x w x C`` arrays in [0, 1], all ``tile_size``.
+        ``[b][r]`` float32 ``h x w x C`` arrays in [0, 1], ``tile_size`` (the
+        layer's field, at most the image), or the smaller field of a channel's
+        branch after a concat (an Inception block).
     boxes:
         ``[b][r]`` receptive-field box clipped to the image,
         ``(top, left, bottom, right)`` half-open: the input pixels in the tile.
+    note:
+        A line drawn under the title when the crops are not the exact field
+        (a global-context layer cropped to its local field), else ``None``.
     """
 
     layer: str
@@ -65,6 +74,7 @@ class PanelTiles:
     proj: list[list[np.ndarray]] = field(default_factory=list)
     crops: list[list[np.ndarray]] = field(default_factory=list)
     boxes: list[list[tuple[int, int, int, int]]] = field(default_factory=list)
+    note: str | None = None
 
 
 def _hwc(a: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -124,24 +134,24 @@ def normalise_tile(tile: np.ndarray, mask: np.ndarray | None = None, pad: float 
     return out
 
 
-def _layer_title(topk: TopK, layer: str) -> str:
-    """``Layer N (convN)`` as the original titles its figures.
+def layer_title(topk: TopK, layer: str) -> str:
+    """``Layer N (convN)`` as the original titles its figures; ``NAME (KIND)`` for other layers.
 
     A layer whose own name is ``convN`` keeps that N (ResNet-18's names skip
     the projection shortcuts, so its ``conv8`` is the 9th conv called);
-    another name gets the ``convN`` alias that reaches it, N-th conv in
-    forward order: ``Layer 4 (conv4: inception3a.branch1.conv)``.
+    another conv gets the ``convN`` alias that reaches it, N-th conv in
+    forward order: ``Layer 4 (conv4: inception3a.branch1.conv)``. A block,
+    activation or traced node is named with its kind:
+    ``layer1.0 (BasicBlock)``, ``layer1.0.add (add)``.
     """
-    import re
-
     info = topk.layer(layer)
     own = re.fullmatch(r"conv(\d+)", layer)
-    if own:
+    if own and info.is_conv:
         base = f"Layer {int(own.group(1))} ({layer})"
     elif info.number is not None:
         base = f"Layer {info.number} (conv{info.number}: {layer})"
     else:
-        base = layer
+        base = f"{layer} ({info.kind})"
     if topk.n_images < topk.k:
         base += f" - only {topk.n_images} image{'s' if topk.n_images != 1 else ''}, fewer than top-{topk.k}"
     return base
@@ -175,14 +185,16 @@ def panel_tiles(
     Raises
     ------
     ValueError
-        For a layer that is not a conv layer, or without receptive field.
+        For a layer without receptive field.
+
+    Notes
+    -----
+    Any layer with a feature-map output works (conv, activation, block,
+    traced node). Boxes and crops use the field in ``topk`` (for a
+    global-context layer its local field through the spatial path,
+    ``LayerInfo.rf_local``; the panel then says so under its title).
     """
     info = topk.layer(layer)
-    if not info.is_conv:
-        raise ValueError(
-            f"layer {layer!r} is a {info.kind}, not a convolution; panels are drawn for conv layers "
-            "(see `cnn-internals layers MODEL`, or use --layers all-conv)"
-        )
     if info.rf_size is None:
         raise ValueError(f"layer {layer!r} has no known receptive field, so its crops cannot be cut")
     shown = list(channels) if channels is not None else topk.channels(layer)[:6]
@@ -201,7 +213,10 @@ def panel_tiles(
     tile = (min(info.rf_size[0], ih), min(info.rf_size[1], iw))
     if info.rf_global:
         tile = (ih, iw)
-    out = PanelTiles(layer=layer, title=_layer_title(topk, layer), k=topk.k, channels=shown, tile_size=tile)
+    note = ("crops: the local field through the spatial path (the exact field is the whole input, "
+            "through a global-context path)") if info.rf_local else None
+    out = PanelTiles(layer=layer, title=layer_title(topk, layer), k=topk.k, channels=shown, tile_size=tile,
+                     note=note)
     cache: dict[int, np.ndarray] = {}
     for c in shown:
         ents = topk[layer, c]
@@ -211,8 +226,11 @@ def panel_tiles(
             if e.index not in cache:
                 cache[e.index] = _hwc(get_image(e.index))
             img = cache[e.index]
-            crop, mask, clipped = crop_tile(img, box, tile)
-            p_raw, _, _ = crop_tile(proj_of[(c, e.rank)], box, tile)
+            # A unit's own box sets its tile: the layer's field, or (after a
+            # concat of branches) the smaller field of its channel's branch.
+            own = tile if info.rf_global else (min(box[2] - box[0], ih), min(box[3] - box[1], iw))
+            crop, mask, clipped = crop_tile(img, box, own)
+            p_raw, _, _ = crop_tile(proj_of[(c, e.rank)], box, own)
             row_e.append(e)
             row_c.append(np.clip(crop, 0.0, 1.0))
             row_p.append(normalise_tile(p_raw, mask))
@@ -226,7 +244,8 @@ def panel_tiles(
 
 # -- drawing ------------------------------------------------------------------
 
-def _font(size: int) -> ImageFont.ImageFont:
+def font(size: int) -> ImageFont.ImageFont:
+    """DejaVu Sans at ``size`` px (matplotlib's copy), or Pillow's built-in font."""
     try:
         import matplotlib
 
@@ -261,6 +280,17 @@ def _fit(tile: np.ndarray, px: int) -> Image.Image:
     return canvas
 
 
+def _wrap(text: str, fnt: ImageFont.ImageFont, width: int) -> list[str]:
+    """``text`` broken at spaces into lines at most ``width`` pixels wide (a longer word stays whole)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and fnt.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
 def render_panel(tiles: PanelTiles, method: str | None = None, tile_px: int = 64) -> np.ndarray:
     """Draw :class:`PanelTiles` as a ``uint8`` RGB figure.
 
@@ -271,7 +301,6 @@ def render_panel(tiles: PanelTiles, method: str | None = None, tile_px: int = 64
     gcols = math.ceil(math.sqrt(k))
     grows = math.ceil(k / gcols)
     gap, block_gap, label_h, margin = 2, 14, 18, 16
-    title_h, head_h = 40, 22
     n = len(tiles.channels)
     bcols = min(2, max(n, 1))
     brows = math.ceil(n / bcols) if n else 1
@@ -280,11 +309,15 @@ def render_panel(tiles: PanelTiles, method: str | None = None, tile_px: int = 64
     half_w = bcols * block_w + (bcols - 1) * block_gap
     mid_gap = 36
     width = 2 * margin + 2 * half_w + mid_gap
+    f_title, f_head, f_label = font(20), font(14), font(12)
+    note_lines = _wrap(tiles.note, f_label, width - 2 * margin) if tiles.note else []
+    title_h, head_h = 40 + 16 * len(note_lines), 22
     height = title_h + head_h + brows * block_h + (brows - 1) * block_gap + margin
     fig = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(fig)
-    f_title, f_head, f_label = _font(20), _font(14), _font(12)
     draw.text((width // 2, 10), tiles.title, fill=(0, 0, 0), font=f_title, anchor="mt")
+    for i, line in enumerate(note_lines):
+        draw.text((width // 2, 36 + 16 * i), line, fill=(150, 60, 0), font=f_label, anchor="mt")
     left_head = "projections" + (f" ({METHOD_NAMES.get(method, method)})" if method else "")
     draw.text((margin + half_w // 2, title_h), left_head, fill=(60, 60, 60), font=f_head, anchor="mt")
     draw.text((margin + half_w + mid_gap + half_w // 2, title_h), "input crops (receptive fields)",
@@ -301,7 +334,8 @@ def render_panel(tiles: PanelTiles, method: str | None = None, tile_px: int = 64
     return np.asarray(fig)
 
 
-def _encode(fig: np.ndarray, fmt: str) -> bytes:
+def encode_figure(fig: np.ndarray, fmt: str) -> bytes:
+    """A ``uint8`` figure as ``"png"`` (256-colour palette), ``"webp"`` or ``"jpg"`` bytes."""
     img = Image.fromarray(fig)
     buf = io.BytesIO()
     if fmt == "png":
@@ -330,7 +364,7 @@ def panel(
     tile_px: int = 64,
     web: str | None = None,
 ) -> np.ndarray:
-    """Draw (and optionally write) the seed's figure for one conv layer.
+    """Draw (and optionally write) the seed's figure for one layer.
 
     Parameters
     ----------
@@ -360,7 +394,7 @@ def panel(
     fig = render_panel(tiles, method=method, tile_px=tile_px)
     if out is not None:
         out = Path(out)
-        write_atomic(out, _encode(fig, "png"))
+        write_atomic(out, encode_figure(fig, "png"))
         if web:
-            write_atomic(out.with_suffix("." + web), _encode(fig, web))
+            write_atomic(out.with_suffix("." + web), encode_figure(fig, web))
     return fig

@@ -52,8 +52,16 @@ class LayerInfo:
 
     ``number`` is the 1-based position among the model's conv layers (the
     ``N`` of the panel title ``Layer N (convN)``), ``None`` if not a conv.
+    ``kind`` is the module's class (``"Conv2d"``, ``"BasicBlock"``) or, for a
+    traced functional node, its op (``"add"``, ``"cat"``).
     ``rf_size`` / ``rf_stride`` / ``rf_offset`` describe the receptive field
-    (see :class:`interp.ReceptiveField`); ``None`` when unknown.
+    that boxes and crops use (see :class:`interp.ReceptiveField`); ``None``
+    when unknown. ``rf_local``: the exact field is the whole input through a
+    global-context path (squeeze-and-excitation) and these describe the local
+    field through the spatial path (``ReceptiveField.spatial``).
+    ``rf_measured``: the field was measured (gradient support), not derived.
+    ``notes``: what the engine could not do exactly for this layer, one
+    sentence each (shown once per layer by the CLI and the gallery).
     """
 
     name: str
@@ -66,6 +74,9 @@ class LayerInfo:
     rf_stride: tuple[int, int] | None = None
     rf_offset: tuple[int, int] | None = None
     rf_global: bool = False
+    rf_local: bool = False
+    rf_measured: bool = False
+    notes: list[str] = field(default_factory=list)
 
     @property
     def is_conv(self) -> bool:
@@ -177,7 +188,8 @@ class TopK:
             info = LayerInfo(
                 name=d["name"], kind=d["kind"], channels=[int(c) for c in d["channels"]],
                 out_shape=tup(d["out_shape"]), number=d.get("number"), input_size=tup(d.get("input_size")),
-                rf_global=bool(d.get("rf_global", False)),
+                rf_global=bool(d.get("rf_global", False)), rf_local=bool(d.get("rf_local", False)),
+                rf_measured=bool(d.get("rf_measured", False)), notes=[str(v) for v in d.get("notes", [])],
                 rf_size=tup(d.get("rf_size")), rf_stride=tup(d.get("rf_stride")), rf_offset=tup(d.get("rf_offset")),
             )
             out.layers[info.name] = info

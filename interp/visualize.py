@@ -27,6 +27,7 @@ import os
 import re
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -34,10 +35,12 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from . import dist
 from .data import IndexedImages
-from .mine import eval_mode, mine, on_device, resolve_layers
-from .panels import _encode, panel_tiles, render_panel, to_uint8
+from .mine import collected_notes, eval_mode, first_image, mine, on_device, resolve_layers
+from .panels import encode_figure, panel_tiles, render_panel, to_uint8
 from .topk import TopK, write_atomic
 
 __all__ = ["visualize", "VisualizeResult", "METHODS", "slug"]
@@ -60,6 +63,9 @@ class VisualizeResult:
     topk_path: Path | None = None
     index_path: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    # layer -> what the engine could not do exactly there (receptive field,
+    # projection rules), each sentence once; empty lists left out.
+    notes: dict[str, list[str]] = field(default_factory=dict)
 
 
 def _tile_bytes(tile: np.ndarray, max_px: int | None = 128) -> tuple[bytes, str]:
@@ -116,7 +122,10 @@ def visualize(
     out_dir:
         Output folder (created).
     layers:
-        Conv layer names, a comma-separated string or ``"all-conv"``.
+        Layer names (any layer of :func:`interp.layers` with an ``N x C x H x W``
+        output: convs, activations, blocks, traced nodes like ``"layer1.0.add"``),
+        a comma-separated string, or the selectors ``"all-conv"``,
+        ``"all-blocks"``, ``"children:NAME"`` (:func:`interp.mine.resolve_layers`).
     channels, k, batch_size, device, num_workers:
         As for :func:`interp.mine` (``channels=None``: the first 6). The
         ``num_workers`` processes also decode each layer's top images ahead
@@ -147,8 +156,16 @@ def visualize(
         Files written and ``timings`` with ``mining``, ``projection``,
         ``drawing`` and ``total`` seconds (under torchrun: ``projection`` and
         ``drawing`` are the busiest rank's, the others wall-clock).
+
+    Notes
+    -----
+    Every :class:`interp.notices.EngineWarning` raised for a layer (its
+    receptive field while mining, its projections) is collected for that
+    layer instead of being printed, de-duplicated, and returned in
+    ``notes``, written to ``gallery.json`` (``"notes"`` per layer) and shown
+    on the gallery page; under torchrun each job's notes travel to rank 0
+    with its files.
     """
-    from . import dist
     from .data import TensorImages
 
     if isinstance(data, torch.Tensor):
@@ -172,20 +189,15 @@ def visualize(
     timings = {"mining": 0.0, "loading": 0.0, "projection": 0.0, "drawing": 0.0}
 
     if topk is None:
-        names = resolve_layers(model, layers)
-        modules = dict(model.named_modules())
-        not_conv = [n for n in names if not isinstance(modules.get(n), nn.Conv2d)]
-        if not_conv:
-            raise ValueError(
-                f"panels are drawn for conv layers; {', '.join(not_conv)} "
-                f"{'is' if len(not_conv) == 1 else 'are'} not nn.Conv2d (use --layers all-conv or conv names)"
-            )
+        names = resolve_layers(model, layers, example=lambda: first_image(data))
         t0 = time.perf_counter()
-        topk = mine(model, data, names, channels=channels, k=k, batch_size=batch_size, device=device,
-                    model_id=model_id, progress=progress, num_workers=num_workers, distributed=spread)
+        with collected_notes():  # its engine warnings are in LayerInfo.notes: said once, per layer, from there
+            topk = mine(model, data, names, channels=channels, k=k, batch_size=batch_size, device=device,
+                        model_id=model_id, progress=progress, num_workers=num_workers, distributed=spread)
         timings["mining"] = time.perf_counter() - t0
     else:
-        names = list(topk.layers) if layers == "all-conv" else resolve_layers(model, layers)
+        names = (list(topk.layers) if layers == "all-conv"
+                 else resolve_layers(model, layers, example=lambda: first_image(data)))
         for n in names:
             topk.layer(n)  # clear error for a layer the file does not hold
         if topk.model_id and model_id == "model":
@@ -200,9 +212,71 @@ def visualize(
         # layers run more of the network per unit and on larger crops.
         depth = {n: (topk.layer(n).number or 0, i) for i, n in enumerate(names)}
         jobs.sort(key=lambda j: depth[j[0]], reverse=True)
-    from tqdm.auto import tqdm
+    run_jobs = _Jobs(model, data, topk, jobs, methods, spread, device, progress, num_workers,
+                     project_batch_size, web).run
 
-    def run_jobs(done) -> dict:
+    if not spread:
+        timings.update(run_jobs(writer.add))  # each job's files are written as it finishes
+        t0 = time.perf_counter()
+        writer.finish()
+        timings["drawing"] += time.perf_counter() - t0
+    else:
+        timings.update(_run_spread(run_jobs, writer, jobs))
+    timings["total"] = time.perf_counter() - t_start
+    return VisualizeResult(
+        out_dir=out_dir, topk=topk, panels={(n, m): writer.panel_path(n, m) for n in names for m in methods},
+        topk_path=out_dir / "topk.json", index_path=out_dir / "index.html", timings=timings,
+        notes={n: writer.notes_of(n) for n in names if writer.notes_of(n)},
+    )
+
+
+def _run_spread(run_jobs, writer: "_Writer", jobs: list[tuple[str, str]]) -> dict[str, float]:
+    """Run this rank's jobs; rank 0 gathers every rank's (bytes and notes) and writes them all.
+
+    Returns the timings: the busiest rank's loading, projection and drawing.
+    """
+    done_here: list[dict] = []
+    # Rank 0 receives every rank's finished jobs (bytes) and their timings.
+    parts = dist.collect(lambda: (done_here, run_jobs(done_here.append)), dst=0)
+    done_here.clear()
+
+    def write_here() -> dict[str, float]:
+        if not dist.is_main():
+            return {}
+        t0 = time.perf_counter()
+        got = sorted((job["name"], job["method"]) for jobs_of_rank, _ in parts for job in jobs_of_rank)
+        if got != sorted(jobs):  # each job exactly once, or the gallery would be wrong
+            raise RuntimeError(f"internal error: the ranks returned {len(got)} panel jobs for {len(jobs)}")
+        for jobs_of_rank, _ in parts:
+            for job in jobs_of_rank:
+                writer.add(job)
+        writer.finish()
+        return {"loading": max(spent["loading"] for _, spent in parts),
+                "projection": max(spent["projection"] for _, spent in parts),
+                "drawing": max(spent["drawing"] for _, spent in parts) + time.perf_counter() - t0}
+
+    # Every rank waits for rank 0's writing and fails with it, so no rank
+    # leaves (and tears the process group down) while files are written.
+    return dist.collect(write_here)[0]
+
+
+@dataclass
+class _Jobs:
+    """The (layer, method) jobs of one :func:`visualize` call, and how to run this rank's share."""
+
+    model: nn.Module
+    data: IndexedImages
+    topk: TopK
+    jobs: list[tuple[str, str]]
+    methods: list[str]
+    spread: bool
+    device: str | torch.device | None
+    progress: bool
+    num_workers: int
+    project_batch_size: int | None
+    web: str | None
+
+    def run(self, done) -> dict:
         """This rank's share of the jobs; ``done(job)`` receives each result, in job order.
 
         Projection runs here; drawing and encoding run in a few threads
@@ -210,8 +284,6 @@ def visualize(
         next layer is projected. ``drawing`` is the wall time not spent loading
         or projecting, so the timings still add up to the total.
         """
-        from concurrent.futures import ThreadPoolExecutor
-
         spent = {"loading": 0.0, "projection": 0.0, "drawing": 0.0}
         encoded: set[int] = set()  # input images this rank has already encoded
         lock = threading.Lock()  # guards ``encoded``: each input's bytes go with exactly one job
@@ -220,24 +292,26 @@ def visualize(
         workers = _draw_threads()
         t_loop = time.perf_counter()
         # Under torchrun the next job is whatever the queue hands out; alone the layer order is known.
-        order = None if spread else list(dict.fromkeys(name for name, _ in jobs))
-        with eval_mode(model), on_device(model, device) as dev, \
-                tqdm(total=len(jobs), desc="projecting + drawing", unit="panel", leave=False,
-                     disable=not progress or (spread and not dist.is_main())) as bar, \
+        order = None if self.spread else list(dict.fromkeys(name for name, _ in self.jobs))
+        with eval_mode(self.model), on_device(self.model, self.device) as dev, \
+                tqdm(total=len(self.jobs), desc="projecting + drawing", unit="panel", leave=False,
+                     disable=not self.progress or (self.spread and not dist.is_main())) as bar, \
                 ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cnn-internals-draw") as pool, \
-                _LayerFeed(data, topk, order, dev, num_workers) as feed:
-            for j in dist.work_queue(len(jobs)) if spread else range(len(jobs)):
-                name, method = jobs[j]
+                _LayerFeed(self.data, self.topk, order, dev, self.num_workers) as feed:
+            for j in dist.work_queue(len(self.jobs)) if self.spread else range(len(self.jobs)):
+                name, method = self.jobs[j]
                 if loaded[0] != name:
                     t0 = time.perf_counter()
                     loaded = (name, feed.get(name))
                     spent["loading"] += time.perf_counter() - t0  # only the wait, when decoded ahead
                 xs, units, raws = loaded[1]
                 t0 = time.perf_counter()
-                proj = _project_job(model, xs, name, units, method, project_batch_size)
+                with collected_notes() as notes:
+                    proj = _project_job(self.model, xs, name, units, method, self.project_batch_size)
                 spent["projection"] += time.perf_counter() - t0
-                pending.append(pool.submit(_render_job, data, topk, name, method, proj, raws,
-                                           tiles_too=method == methods[0], encoded=encoded, lock=lock, web=web))
+                pending.append(pool.submit(_render_job, self.data, self.topk, name, method, proj, raws,
+                                           tiles_too=method == self.methods[0], encoded=encoded, lock=lock,
+                                           web=self.web, notes=notes))
                 # Hand finished jobs over in order; keep at most a few panels in flight (memory).
                 while pending and (pending[0].done() or len(pending) > 2 * workers):
                     done(pending.pop(0).result())
@@ -247,42 +321,6 @@ def visualize(
                 done(pending.pop(0).result())
         spent["drawing"] = time.perf_counter() - t_loop - spent["loading"] - spent["projection"]
         return spent
-
-    if not spread:
-        timings.update(run_jobs(writer.add))  # each job's files are written as it finishes
-        t0 = time.perf_counter()
-        writer.finish()
-        timings["drawing"] += time.perf_counter() - t0
-    else:
-        done_here: list[dict] = []
-        # Rank 0 receives every rank's finished jobs (bytes) and their timings.
-        parts = dist.collect(lambda: (done_here, run_jobs(done_here.append)), dst=0)
-        done_here.clear()
-
-        def write_here() -> dict[str, float]:
-            if not dist.is_main():
-                return {}
-            t0 = time.perf_counter()
-            got = sorted((job["name"], job["method"]) for jobs_of_rank, _ in parts for job in jobs_of_rank)
-            if got != sorted(jobs):  # each job exactly once, or the gallery would be wrong
-                raise RuntimeError(f"internal error: the ranks returned {len(got)} panel jobs for {len(jobs)}")
-            for jobs_of_rank, _ in parts:
-                for job in jobs_of_rank:
-                    writer.add(job)
-            writer.finish()
-            return {"loading": max(spent["loading"] for _, spent in parts),
-                    "projection": max(spent["projection"] for _, spent in parts),
-                    "drawing": max(spent["drawing"] for _, spent in parts) + time.perf_counter() - t0}
-
-        # Every rank waits for rank 0's writing and fails with it, so no rank
-        # leaves (and tears the process group down) while files are written.
-        timings.update(dist.collect(write_here)[0])
-        del parts
-    timings["total"] = time.perf_counter() - t_start
-    return VisualizeResult(
-        out_dir=out_dir, topk=topk, panels={(n, m): writer.panel_path(n, m) for n in names for m in methods},
-        topk_path=out_dir / "topk.json", index_path=out_dir / "index.html", timings=timings,
-    )
 
 
 def _load_layer(data: IndexedImages, topk: TopK, name: str, dev: torch.device) -> tuple:
@@ -376,7 +414,8 @@ def _project_job(model: nn.Module, xs: torch.Tensor, name: str, units, method: s
 
 
 def _render_job(data: IndexedImages, topk: TopK, name: str, method: str, proj: torch.Tensor, raws: dict, *,
-                tiles_too: bool, encoded: set[int], lock: threading.Lock, web: str | None) -> dict:
+                tiles_too: bool, encoded: set[int], lock: threading.Lock, web: str | None,
+                notes: list[str] | None = None) -> dict:
     """One layer's panel and gallery tiles for one method, encoded (thread-safe).
 
     The result holds bytes, not files, so that any rank can do the work and
@@ -387,8 +426,8 @@ def _render_job(data: IndexedImages, topk: TopK, name: str, method: str, proj: t
     tiles = panel_tiles(topk, name, proj, raws)
     fig = render_panel(tiles, method=method)
     job: dict = {
-        "name": name, "method": method, "channels": list(tiles.channels),
-        "panel": _encode(fig, "png"), "web": (web, _encode(fig, web)) if web else None,
+        "name": name, "method": method, "channels": list(tiles.channels), "notes": list(notes or []),
+        "panel": encode_figure(fig, "png"), "web": (web, encode_figure(fig, web)) if web else None,
         "proj": [[_tile_bytes(t) for t in row] for row in tiles.proj],
     }
     if tiles_too:
@@ -419,6 +458,11 @@ class _Writer:
         self.inputs: dict[int, str] = {}  # dataset index -> its file, relative to out_dir
         self.meta: dict[str, dict] = {}  # layer -> title, tile size, tiles (from its first method's job)
         self.proj: dict[tuple[str, str, int, int], str] = {}  # (layer, method, channel, rank) -> file
+        self.notes: dict[str, list[str]] = {}  # layer -> notes raised by its projections
+
+    def notes_of(self, name: str) -> list[str]:
+        """Mining notes of ``name`` (``LayerInfo.notes``), then its projections', each once."""
+        return list(dict.fromkeys(list(self.topk.layer(name).notes) + self.notes.get(name, [])))
 
     def panel_path(self, name: str, method: str) -> Path:
         return self.out_dir / f"{slug(self.model_id)}_{slug(name)}_{method}.png"
@@ -426,6 +470,7 @@ class _Writer:
     def add(self, job: dict) -> None:
         """Write one job's panel and tiles."""
         name, method, out = job["name"], job["method"], self.out_dir
+        self.notes.setdefault(name, []).extend(job.get("notes", []))
         path = self.panel_path(name, method)
         write_atomic(path, job["panel"])
         if job["web"] is not None:
@@ -473,7 +518,9 @@ class _Writer:
         }
         for name in self.names:
             meta = self.meta[name]
-            entry: dict = {"name": name, "number": self.topk.layer(name).number,
+            info = self.topk.layer(name)
+            entry: dict = {"name": name, "number": info.number, "kind": info.kind, "notes": self.notes_of(name),
+                           "rf_local": info.rf_local, "rf_measured": info.rf_measured,
                            "panels": {m: self.panel_path(name, m).name for m in self.methods}, "channels": []}
             for c, row in zip(meta["channels"], meta["tiles"]):
                 tiles = []

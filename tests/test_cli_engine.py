@@ -100,3 +100,10 @@ def test_cli_takes_training_statistics_from_data(data_root, tmp_path, monkeypatc
     x = pre(gray)
     expected = (128 / 255 - np.asarray(stats.mean)) / np.asarray(stats.std)
     np.testing.assert_allclose(x[:, 100, 100].numpy(), expected, rtol=1e-5)
+
+
+def test_layers_blocks_lists_what_all_blocks_picks(capsys):
+    assert main(["layers", "torchvision:resnet18", "--blocks", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+    assert main(["layers", "torchvision:squeezenet1_0", "--blocks"]) == 0
+    assert capsys.readouterr().out.split() == [f"features.{i}" for i in (3, 4, 5, 7, 8, 9, 10, 12)]

@@ -47,7 +47,11 @@ window.addEventListener('load', function () {
   r.textContent = JSON.stringify({errors: window.__errs, tiles: tiles.length, broken: broken,
     shown: document.getElementById('viewer').getAttribute('data-shown'),
     box: [box.top - frame.top, box.left - frame.left, box.width, box.height], frame: [frame.width, frame.height],
-    visibleProj: visible});
+    visibleProj: visible,
+    notes: Array.prototype.map.call(document.querySelectorAll('section.layer'), function (sec) {
+      var n = sec.querySelector('.notes'), r = n ? n.getBoundingClientRect() : null;
+      return r && r.width > 0 && r.height > 0 ? n.textContent : null; }),
+    noted: document.querySelectorAll('nav a.noted').length});
   document.body.appendChild(r);
   }
 });
@@ -145,3 +149,18 @@ def test_gallery_command_rewrites_index(gallery_dir, capsys):
 def test_gallery_command_on_a_folder_without_manifest(tmp_path, capsys):
     assert main(["gallery", str(tmp_path)]) == 2
     assert "no gallery.json" in capsys.readouterr().err
+
+
+def test_gallery_shows_a_layer_note_where_it_belongs(gallery_dir, tmp_path):
+    """A layer with notes (gallery.json "notes") gets a visible note box under its title, the others none."""
+    noted = tmp_path / "noted"
+    shutil.copytree(gallery_dir, noted)
+    manifest = json.loads((noted / "gallery.json").read_text())
+    assert [L["notes"] for L in manifest["layers"]] == [[], []]
+    note = "conv2 sees global context (a test note); panels and crops use its local field"
+    manifest["layers"][1]["notes"] = [note]
+    (noted / "gallery.json").write_text(json.dumps(manifest))
+    write_gallery(noted)
+    report = load_in_chromium(noted / "index.html", tmp_path)
+    assert report["errors"] == [] and report["noted"] == 1
+    assert report["notes"][0] is None and note in report["notes"][1]

@@ -101,7 +101,7 @@ def test_panel_png_title_and_size(setup, tmp_path):
     assert Image.open(tmp_path / "p.webp").size == (fig.shape[1], fig.shape[0])
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).shape, fig.shape)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
-    assert interp.panels._layer_title(tk, "conv2") == "Layer 2 (conv2)"
+    assert interp.panels.layer_title(tk, "conv2") == "Layer 2 (conv2)"
 
 
 def test_redraw_from_saved_topk(setup, tmp_path):
@@ -113,10 +113,15 @@ def test_redraw_from_saved_topk(setup, tmp_path):
     assert np.array_equal(a, b)
 
 
-def test_non_conv_layer_is_refused(setup):
+def test_non_conv_layer_gets_its_kind_in_the_title_and_field_crops(setup):
     model, data, _, tk = setup
-    with pytest.raises(ValueError, match="not a convolution"):
-        panel_tiles(tk, "relu2", torch.zeros(len(tk.units("relu2")), 3, 20, 20), data.raw)
+    proj = _projections(model, data, tk, "relu2")
+    tiles = panel_tiles(tk, "relu2", proj, data.raw)
+    assert tiles.title == "relu2 (ReLU)" and tiles.note is None
+    rf = interp.receptive_field(model, "relu2", (20, 20))
+    assert tiles.tile_size == (min(rf.size[0], 20), min(rf.size[1], 20))
+    e = tk["relu2", 0][0]
+    assert tiles.boxes[0][0] == rf.box(e.y, e.x, clip=(20, 20))
 
 
 def test_fewer_images_than_k_gives_fewer_tiles_and_says_so():
@@ -140,8 +145,8 @@ def test_titles_follow_the_originals_numbering():
     x = torch.randn(2, 3, 64, 64)
     model, _ = adapters.load("resnet18")
     tk = interp.mine(model, x, ["conv8"], channels=[0], k=1, progress=False)
-    assert tk.layer("conv8").number == 9 and interp.panels._layer_title(tk, "conv8") == "Layer 8 (conv8)"
+    assert tk.layer("conv8").number == 9 and interp.panels.layer_title(tk, "conv8") == "Layer 8 (conv8)"
     model, _ = adapters.load("inception")
     tk = interp.mine(model, x, ["conv4"], channels=[0], k=1, progress=False)
     (name,) = tk.layers
-    assert interp.panels._layer_title(tk, name) == f"Layer 4 (conv4: {name})" and name != "conv4"
+    assert interp.panels.layer_title(tk, name) == f"Layer 4 (conv4: {name})" and name != "conv4"

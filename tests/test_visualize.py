@@ -173,12 +173,19 @@ def test_fewer_images_than_top(tmp_path):
     assert all(len(ch["tiles"]) == 2 for ch in manifest["layers"][0]["channels"])
 
 
-def test_non_conv_layer_is_refused(tmp_path, capsys):
+def test_activation_layer_is_drawn_and_a_flat_layer_refused_in_one_line(tmp_path, capsys):
     spec = _factory(tmp_path)
-    data = imagenette_folder(tmp_path / "imgs", n_per_class=1, classes=1)
-    assert main(["visualize", spec, "--data", str(data), "--layers", "features.1",
-                 "--out", str(tmp_path / "out")]) == 2
-    assert "not nn.Conv2d" in capsys.readouterr().err
+    data = imagenette_folder(tmp_path / "imgs", n_per_class=1, classes=2)
+    assert main(["visualize", spec, "--data", str(data), "--layers", "features.1", "--top", "2",
+                 "--out", str(tmp_path / "out")]) == 0
+    manifest = json.loads((tmp_path / "out" / "gallery.json").read_text())
+    assert manifest["layers"][0]["title"].startswith("features.1 (ReLU)")
+    assert (tmp_path / "out" / "tiny_model_features.1_guided.png").is_file()
+    capsys.readouterr()
+    assert main(["visualize", spec, "--data", str(data), "--layers", "head",
+                 "--out", str(tmp_path / "out2")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "not an N x C x H x W feature map" in err[0] and "--blocks" in err[0]
 
 
 def _snapshot(model):

@@ -26,7 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="weights for A: a checkpoint, or 'pretrained' for torchvision:/timm: models")
     p.add_argument("--weights-b", default=None, help="weights for B (as --weights-a)")
     p.add_argument("--layers", default="conv2,conv5",
-                   help="layers of A (names, convN, comma-separated, or all-conv; default conv2,conv5)")
+                   help="layers of A (names, convN, comma-separated, or all-conv, all-blocks, children:NAME; "
+                        "default conv2,conv5)")
     p.add_argument("--layers-b", default=None, help="layers of B if they differ (default: the same names as A)")
     p.add_argument("--cka-layers", default=None,
                    help="layers of A for the CKA heatmap, e.g. all-conv (default: the panel layers, --layers)")
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from interp.compare import compare
     from interp.data import open_images
 
-    from .visualize import input_mode, parse_channels
+    from .visualize import input_mode, parse_channels, report_notes
 
     if args.top < 1:
         raise ValueError(f"--top must be at least 1, got {args.top}")
@@ -70,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
                      id_a=id_a, id_b=id_b, methods=methods, channels=parse_channels(args.channels), k=args.top,
                      grid=args.grid, batch_size=args.batch_size, device=args.device,
                      cka_layers_a=args.cka_layers, cka_layers_b=args.cka_layers_b)
+    report_notes(result)
     print(f"wrote {len(result.panels)} side-by-side panel(s) to {result.out_dir}/")
     for p in result.panels.values():
         print(f"  {p}")

@@ -11,7 +11,7 @@ import argparse
 import time
 from pathlib import Path
 
-from .visualize import add_common, report
+from .visualize import add_common, report, report_notes
 
 LAYERS = ("conv1", "conv2", "conv3")
 METHODS = ("deconvnet", "guided")
@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     data = ArrayImages(images, preprocess, mode="L", name="mnist-test")
     result = visualize(model, data, Path(args.out), list(LAYERS), channels=range(6), k=9, methods=METHODS,
                        model_id="lenet5", batch_size=max(args.batch_size, 1), device=args.device)
+    report_notes(result)
     report(result)
     print(f"demo finished in {time.perf_counter() - t0:.1f} s on {len(data)} MNIST test images")
     return 0

@@ -50,13 +50,16 @@ def add_common(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("visualize", help="top-k panels per conv layer, topk.json and an HTML gallery",
+    p = sub.add_parser("visualize", help="top-k panels per layer, topk.json and an HTML gallery",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--data", required=True,
                    help="image folder (ImageFolder layout or flat), Imagenette root (train/ val/) or MNIST root")
     p.add_argument("--weights", help="checkpoint to load (.pt/.pth/.safetensors)")
-    p.add_argument("--layers", default="all-conv", help="comma-separated layer names, or all-conv (default)")
+    p.add_argument("--layers", default="all-conv",
+                   help="comma-separated layer names (any layer of `cnn-internals layers MODEL` with a feature-map "
+                        "output: convs, blocks, activations, traced nodes like layer1.0.add) or selectors: "
+                        "all-conv (default), all-blocks, children:NAME")
     p.add_argument("--channels", default=None, help="channels per layer, e.g. 0-5 (default: the first 6)")
     p.add_argument("--top", type=int, default=9, help="images per channel (default 9)")
     p.add_argument("--method", default="guided",
@@ -87,6 +90,16 @@ def input_mode(model) -> str | None:
         if isinstance(m, nn.Conv2d):
             return {1: "L", 3: "RGB"}.get(m.in_channels)
     return "RGB"
+
+
+def report_notes(result, stream=None) -> None:
+    """Print each layer's notes (``result.notes``) once, one line each, on stderr."""
+    import sys
+
+    err = stream or sys.stderr
+    for layer, notes in result.notes.items():
+        for note in notes:
+            print(f"note: layer {layer}: {note}", file=err)
 
 
 def report(result, stream=None, processes: int = 1) -> None:
@@ -139,5 +152,6 @@ def run(args: argparse.Namespace) -> int:
                            k=args.top, methods=methods, model_id=model_id, batch_size=args.batch_size,
                            device=device, topk=topk, web=args.web, num_workers=args.workers)
         if dist.is_main():  # one report, not one per rank
+            report_notes(result)
             report(result, processes=dist.world()[1])
     return 0
