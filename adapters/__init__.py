@@ -15,12 +15,15 @@ True
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
+import os
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-__all__ = ["load", "names", "register", "TWINS", "FIGURE_LAYERS"]
+__all__ = ["load", "loader", "names", "register", "weights_source", "file_sha256", "TWINS", "FIGURE_LAYERS"]
 
 # name -> "module:function". Imported lazily so that ``import adapters`` stays
 # cheap and an adapter with heavy optional dependencies costs nothing unless used.
@@ -92,6 +95,80 @@ def register(name: str, target: str | Callable) -> None:
 def names() -> list[str]:
     """Names of all built-in adapters, sorted."""
     return sorted(set(_BUILTIN) | set(_REGISTRY))
+
+
+def loader(name: str) -> Callable:
+    """The function :func:`load` calls for the built-in or registered adapter ``name``.
+
+    Lets a caller inspect its signature (does it take ``data_root``?)
+    without loading anything. Raises ``ValueError`` for an unknown name
+    (``torchvision:`` / ``timm:`` names included: :mod:`adapters.hub` loads those).
+    """
+    return _resolve(name)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file (read in 1 MiB chunks: weights files can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _default_weights_file(name: str) -> Path | None:
+    """The trained file ``load(name)`` reads without ``weights``; ``None`` when it initialises randomly."""
+    if name == "lenet5":
+        from .lenet5 import DEFAULT_WEIGHTS
+
+        return DEFAULT_WEIGHTS
+    if not name.startswith("pretrained:"):
+        return None
+    from . import pretrained as p
+
+    rel = {"pretrained:mobilenet_v1_025_keras": p.KERAS_MOBILENET_FILE,
+           "pretrained:mobilenet_v2_int8": p.TORCHSCRIPT_MOBILENET_V2_FILE,
+           "pretrained:mobilenet_v1_100_tflite": p.TFLITE_MOBILENET_V1_FILES[0]}.get(name)
+    if rel is None:
+        return None
+    # The TFLite pair ships inside the package too; the others live in the data folder.
+    for candidate in (p.SHIPPED_WEIGHTS / Path(rel).name, p.weights_dir() / rel):
+        if candidate.is_file():
+            return candidate
+    return p.weights_dir() / rel
+
+
+def weights_source(name: str, weights: str | os.PathLike | None = None) -> dict:
+    """Where the weights of ``load(name, weights)`` come from, as a JSON-ready dict.
+
+    Returns
+    -------
+    dict
+        ``{"name": name, "file": path, "sha256": hex}`` for a weights file
+        (the one given, or the trained file the adapter ships);
+        ``{"name": name, "weights": value}`` for a library's published
+        weights named by ``value`` (``"DEFAULT"``, ``"IMAGENET1K_V1"``...);
+        ``{"random": True}`` when the model is randomly initialised
+        (``weights=None`` for an adapter without shipped weights, a
+        ``torchvision:`` / ``timm:`` name, or ``weights="random"``).
+    """
+    if weights is not None and str(weights) == "random":
+        return {"random": True}
+    if weights is not None:
+        path = Path(weights)
+        if path.is_file():
+            return {"name": name, "file": str(path.resolve()), "sha256": file_sha256(path)}
+        return {"name": name, "weights": str(weights)}
+    if name in _REGISTRY or name.startswith(_HUB_PREFIXES):
+        # A registered adapter's default is its own business; hub models start random.
+        return {"name": name} if name in _REGISTRY else {"random": True}
+    file = _default_weights_file(name)
+    if file is None:
+        return {"random": True}
+    out: dict = {"name": name, "file": str(file)}
+    if file.is_file():
+        out["sha256"] = file_sha256(file)
+    return out
 
 
 def _resolve(name: str) -> Callable:

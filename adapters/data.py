@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["DEFAULT_DATA_ROOT", "MNIST_SAMPLE", "mnist", "mnist_sample", "MnistSample"]
+__all__ = ["DEFAULT_DATA_ROOT", "MNIST_SAMPLE", "NATURAL_IMAGES", "mnist", "mnist_sample", "MnistSample"]
 
 # "../shared/data" next to the working copy (the layout of the shared dev
 # machine), unless CNN_INTERNALS_DATA points elsewhere. Resolved once against
@@ -22,6 +22,9 @@ DEFAULT_DATA_ROOT: Path = Path(os.environ.get("CNN_INTERNALS_DATA") or "../share
 
 # The first 1,000 MNIST test images and labels (see adapters/data/README.md).
 MNIST_SAMPLE: Path = Path(__file__).with_name("data") / "mnist_test_1000.npz"
+#: 86 natural images shipped in the package (6 scikit-image samples + 80 Imagenette val photos;
+#: sources and licences in its README.md), for the demo's ImageNet network.
+NATURAL_IMAGES: Path = Path(__file__).with_name("data") / "natural"
 
 _MNIST_FILES = {
     True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

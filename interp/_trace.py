@@ -25,11 +25,15 @@ _NON_TENSOR_METHODS = {"size", "dim", "numel", "item", "tolist", "__len__", "get
 class _PathTracer(fx.Tracer):
     """fx tracer that tags each node with the module path it was created in."""
 
-    def __init__(self) -> None:
+    def __init__(self, leaf_types: tuple[type, ...] = ()) -> None:
         super().__init__()
+        self.leaf_types = leaf_types
         self._stack: list[str] = [""]
         self.module_outputs: dict[str, fx.Node] = {}
         self.module_calls: dict[str, int] = {}
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
         path = self.path_of_module(m)
@@ -128,15 +132,26 @@ def _fingerprint(model: nn.Module) -> tuple:
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Traced | Exception]]" = weakref.WeakKeyDictionary()
 
 
-def trace(model: nn.Module) -> Traced:
-    """Trace ``model`` with torch.fx (cached). Raises the tracer's error if it fails."""
-    key = _fingerprint(model)
-    hit = _CACHE.get(model)
+_LEAF_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Traced | Exception]]" = weakref.WeakKeyDictionary()
+
+
+def trace(model: nn.Module, leaf_types: tuple[type, ...] = ()) -> Traced:
+    """Trace ``model`` with torch.fx (cached). Raises the tracer's error if it fails.
+
+    ``leaf_types``: modules of these types (subclasses included) are not traced
+    through but kept as calls. The receptive-field analysis uses this for
+    convolutions and pools whose forward computes its padding from the input
+    size (timm ``Conv2dSame``), which plain fx cannot trace; such traces are
+    cached apart from the plain one.
+    """
+    cache = _LEAF_CACHE if leaf_types else _CACHE
+    key = _fingerprint(model) + (leaf_types,)
+    hit = cache.get(model)
     if hit is not None and hit[0] == key:
         if isinstance(hit[1], Exception):
             raise hit[1]
         return hit[1]
-    tracer = _PathTracer()
+    tracer = _PathTracer(leaf_types)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -144,7 +159,7 @@ def trace(model: nn.Module) -> Traced:
     except Exception as exc:  # fx cannot trace data-dependent control flow etc.
         # Cache a fresh exception without the traceback: its frames would
         # hold the model and keep it (and this cache entry) alive forever.
-        _CACHE[model] = (key, type(exc)(*exc.args) if _rebuildable(exc) else RuntimeError(str(exc)))
+        cache[model] = (key, type(exc)(*exc.args) if _rebuildable(exc) else RuntimeError(str(exc)))
         raise
     traced = Traced(graph=graph, _root=weakref.ref(model))
     counts: dict[str, int] = {}
@@ -166,7 +181,7 @@ def trace(model: nn.Module) -> Traced:
             name = f"{base}_{n}"
         traced.names[name] = node
         traced.functional.append(name)
-    _CACHE[model] = (key, traced)
+    cache[model] = (key, traced)
     return traced
 
 
@@ -178,9 +193,9 @@ def _rebuildable(exc: Exception) -> bool:
         return False
 
 
-def try_trace(model: nn.Module) -> tuple[Traced | None, str | None]:
+def try_trace(model: nn.Module, leaf_types: tuple[type, ...] = ()) -> tuple[Traced | None, str | None]:
     """Like :func:`trace` but returns ``(None, reason)`` when tracing fails."""
     try:
-        return trace(model), None
+        return trace(model, leaf_types), None
     except Exception as exc:  # noqa: BLE001 - any tracer failure means "not traceable"
         return None, f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

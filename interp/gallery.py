@@ -15,32 +15,40 @@ The page is built from ``gallery.json``, written by :func:`interp.visualize`.
 from __future__ import annotations
 
 import html
+import io
 import json
 from pathlib import Path
 
-from .panels import METHOD_NAMES
+import numpy as np
+from PIL import Image
+
+from .panels import METHOD_NAMES, to_uint8
 from .topk import write_atomic
 
-__all__ = ["write_gallery", "load_manifest"]
+__all__ = ["write_gallery", "load_manifest", "encode_tile"]
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:0;color:#222;background:#fafafa}
 header{position:sticky;top:0;background:#fff;border-bottom:1px solid #ddd;padding:8px 16px;z-index:2;
-  display:flex;gap:16px;align-items:center;flex-wrap:wrap}
+  display:flex;gap:6px 16px;align-items:center;flex-wrap:wrap;margin-right:340px}
 header h1{font-size:18px;margin:0}
-nav a{margin-right:8px;font-size:13px}
+.weights{font-size:12px;color:#444}
+.weights.random{color:#a04000}
+nav#layers{display:flex;flex-wrap:wrap;gap:2px 10px;padding:6px 16px;margin-right:340px;max-height:7.5em;
+  overflow-y:auto;border-bottom:1px solid #ddd;background:#fff}
+nav#layers a{font-size:13px;white-space:nowrap}
 main{padding:8px 16px 16px;margin-right:340px}
-section.layer{margin:18px 0 28px}
+section.layer{margin:18px 0 28px;scroll-margin-top:var(--header-h,64px)}
 section.layer h2{font-size:17px;margin:4px 0}
 .panels a{font-size:13px;margin-right:10px}
-.channel{display:flex;align-items:flex-start;gap:6px;margin:6px 0}
+.channel{display:flex;align-items:flex-start;gap:6px;margin:6px 0;flex-wrap:wrap}
 .channel .label{width:84px;font-size:12px;padding-top:22px}
 .tile{margin:0;padding:2px;border:2px solid transparent;cursor:pointer;background:#fff;text-align:center}
 .tile:hover,.tile:focus,.tile.pinned{border-color:#d22;outline:none}
 .tile img{display:block;width:64px;height:64px;object-fit:contain;image-rendering:pixelated;background:#888}
 .tile figcaption{font-size:10px;color:#666}
-#viewer{position:fixed;right:0;top:52px;width:320px;padding:10px;background:#fff;border-left:1px solid #ddd;
-  height:calc(100vh - 72px);overflow:auto}
+#viewer{position:fixed;right:0;top:0;width:320px;padding:10px;background:#fff;border-left:1px solid #ddd;
+  height:100vh;box-sizing:border-box;overflow:auto;z-index:3}
 #viewer .frame{position:relative;width:300px;line-height:0;background:#888}
 #viewer-img{width:100%;height:100%;image-rendering:pixelated;visibility:hidden}
 #viewer-box{position:absolute;border:2px solid #f22;box-shadow:0 0 0 1px #fff;box-sizing:border-box;display:none}
@@ -49,7 +57,7 @@ section.layer h2{font-size:17px;margin:4px 0}
 .notes{margin:4px 0 8px;padding:6px 10px;background:#fff4e0;border-left:4px solid #e08a00;font-size:13px;
   max-width:900px}
 .notes p{margin:2px 0}
-nav a.noted::after{content:" \26A0";color:#c06000}
+nav a.noted::after{content:" \\26A0";color:#c06000}
 """
 
 _JS = """
@@ -91,11 +99,37 @@ _JS = """
     })(tiles[i]);
   }
   var select = document.getElementById('method');
+  // Open on the method the page was written with (the first of --method),
+  // whatever selection the browser restores from an earlier visit.
+  select.value = document.body.getAttribute('data-method');
   function setMethod(){ document.body.setAttribute('data-method', select.value); }
   select.addEventListener('change', setMethod);
   setMethod();
+  // A jump to a layer lands below the sticky header, however tall it wrapped.
+  var header = document.querySelector('header');
+  function fit(){ document.documentElement.style.setProperty('--header-h', (header.offsetHeight + 8) + 'px'); }
+  window.addEventListener('resize', fit);
+  fit();
 })();
 """
+
+
+def encode_tile(tile: np.ndarray, max_px: int | None = 128) -> tuple[bytes, str]:
+    """Encode a gallery tile: PNG for small fields (exact pixels), JPEG otherwise.
+
+    Tiles larger than ``max_px`` are shrunk (the page shows them at 64 px);
+    that keeps a ResNet all-conv gallery at a few MB instead of tens.
+    """
+    img = Image.fromarray(to_uint8(tile))
+    if max_px is not None and max(img.size) > max_px:
+        s = max_px / max(img.size)
+        img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.LANCZOS)
+    buf = io.BytesIO()
+    if max(tile.shape[:2]) <= 64:
+        img.save(buf, format="PNG", optimize=True)
+        return buf.getvalue(), "png"
+    img.save(buf, format="JPEG", quality=88)
+    return buf.getvalue(), "jpg"
 
 
 def load_manifest(out_dir: str | Path) -> dict:
@@ -124,11 +158,32 @@ def _attr(v: object) -> str:
     return html.escape(str(v), quote=True)
 
 
+def weights_text(weights: dict | None) -> str:
+    """One line saying where the model's weights came from (a manifest's ``"weights"``)."""
+    if not weights:
+        return "weights: not recorded"
+    if weights.get("random"):
+        seed = weights.get("seed")
+        return "weights: random" + (f" (seed {seed})" if seed is not None else "") + ", not trained"
+    parts = [str(weights.get("name", "?"))]
+    if weights.get("file"):
+        parts.append(Path(str(weights["file"])).name)
+    if weights.get("weights"):
+        parts.append(str(weights["weights"]))
+    if weights.get("source"):
+        parts.append(f"from its {weights['source']}")
+    if weights.get("sha256"):
+        parts.append(f"sha256 {str(weights['sha256'])[:12]}")
+    return "weights: " + ", ".join(parts)
+
+
 def render_html(manifest: dict) -> str:
     """The gallery page for a manifest (see :func:`interp.visualize`)."""
     model_id = manifest["model_id"]
     methods = manifest["methods"]
     h, w = manifest["input_size"]
+    weights = manifest.get("weights") or {}  # (manifests written before provenance existed have none)
+    weights_title = weights.get("file") or ""
     # Hide every projection except the selected method's (pure CSS, no JS needed).
     css_methods = "".join(
         f'body[data-method="{m}"] img.proj:not([data-method="{m}"]){{display:none}}' for m in methods
@@ -141,14 +196,19 @@ def render_html(manifest: dict) -> str:
         f"<style>{_CSS}{css_methods}</style></head>",
         f'<body data-method="{_attr(methods[0])}">',
         f"<header><h1>{_attr(model_id)}</h1>",
-        '<label>projection <select id="method">'
-        + "".join(f'<option value="{_attr(m)}">{_attr(METHOD_NAMES.get(m, m))}</option>' for m in methods)
+        '<label>projection <select id="method" autocomplete="off">'
+        + "".join(f'<option value="{_attr(m)}"{" selected" if i == 0 else ""}>{_attr(METHOD_NAMES.get(m, m))}'
+                  "</option>" for i, m in enumerate(methods))
         + "</select></label>",
+        f'<span class="weights{" random" if weights.get("random") else ""}" title="{_attr(weights_title)}">'
+        f"{_attr(weights_text(manifest.get('weights')))}</span>",
         f'<span class="hint">top-{manifest["k"]} of {manifest["n_images"]} images; hover or click a tile '
-        "to see its receptive field on the input</span>",
-        "<nav>" + "".join(f'<a href="#layer-{i}"{_NOTED if L.get("notes") else ""}>{_attr(L["name"])}</a>'
-                          for i, L in enumerate(manifest["layers"]))
-        + "</nav></header>",
+        "to see its receptive field on the input</span></header>",
+        # Outside the sticky header: with 80+ layers it wraps to many lines and scrolls on its own.
+        '<nav id="layers" aria-label="layers">'
+        + "".join(f'<a href="#layer-{i}"{_NOTED if L.get("notes") else ""}>{_attr(L["name"])}</a>'
+                  for i, L in enumerate(manifest["layers"]))
+        + "</nav>",
         "<main>",
     ]
     for li, layer in enumerate(manifest["layers"]):

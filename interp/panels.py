@@ -11,8 +11,10 @@ projection *and* for the input, so both halves show the same pixels. Boxes
 that leave the image are clipped and the missing part is filled with neutral
 grey, keeping the unit's field centred where it was; a field larger than the
 image is shown as the part of the image it covers, so tiles are
-``min(rf, image)`` pixels a side. Each projection tile is min-max normalised
-on its own (over its in-image pixels), as the seed does.
+``min(rf, image)`` pixels a side. Each projection tile is scaled on its own
+(over its in-image pixels) by :func:`normalise_tile`: symmetric around zero
+(grey), clipped at the 99.5th percentile of ``|value|``. The seed min-max
+normalised each tile, which lets a few extreme pixels flatten the rest to grey.
 
 :func:`panel_tiles` returns the tile arrays (for tests and the gallery);
 :func:`panel` draws and writes the figure.
@@ -34,7 +36,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .topk import Entry, TopK, write_atomic
 
 __all__ = ["PanelTiles", "panel_tiles", "render_panel", "panel", "crop_tile", "normalise_tile", "METHOD_NAMES",
-           "encode_figure", "font", "layer_title"]
+           "encode_figure", "font", "layer_title", "CLIP_PERCENTILE"]
 
 PAD = 0.5  # neutral grey for the parts of a box outside the image
 METHOD_NAMES = {"guided": "guided backprop", "deconvnet": "deconvnet", "gradient": "gradient"}
@@ -116,20 +118,53 @@ def crop_tile(image: np.ndarray, box: tuple[int, int, int, int], tile: tuple[int
     return canvas, mask, (ct, cl, ct + rh, cl + rw)
 
 
-def normalise_tile(tile: np.ndarray, mask: np.ndarray | None = None, pad: float = PAD) -> np.ndarray:
-    """Min-max scale ``tile`` to [0, 1] over ``mask`` (all pixels if ``None``).
+#: Display scale: a projection tile is shown as ``0.5 + 0.5 * v / s``, clipped to [0, 1], with ``s``
+#: this percentile of ``|v|`` over the tile's in-image pixels. Zero is neutral grey, positive
+#: evidence is brighter and negative darker, and a handful of extreme pixels (a projection is
+#: often dominated by a few) no longer squeezes everything else into flat grey as min-max does.
+CLIP_PERCENTILE = 99.5
 
-    All channels share one min and max (so colours keep their balance); a
-    constant tile becomes neutral grey. Pixels outside ``mask`` get ``pad``.
+
+def normalise_tile(tile: np.ndarray, mask: np.ndarray | None = None, pad: float = PAD,
+                   percentile: float = CLIP_PERCENTILE) -> np.ndarray:
+    """Scale a projection tile for display, symmetric around zero and robust to outliers.
+
+    ``out = clip(0.5 + 0.5 * tile / s, 0, 1)`` with ``s`` the ``percentile``-th
+    percentile of ``|tile|`` over ``mask`` (all pixels if ``None``). All
+    channels share one scale (colours keep their balance); zero maps to
+    neutral grey, so an all-zero tile (a dead unit, a saturated path) is
+    plain grey. Pixels outside ``mask`` get ``pad``. The panels and the
+    gallery show exactly these values.
+
+    Parameters
+    ----------
+    tile:
+        ``H x W x C`` projection values.
+    mask:
+        ``H x W`` bool, the pixels inside the image.
+    pad:
+        Value for pixels outside ``mask``.
+    percentile:
+        Clipping percentile of ``|value|`` (100: scale by the maximum).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> t = np.array([[[-1.0], [0.0], [1.0], [100.0]]])
+    >>> normalise_tile(t, percentile=50).round(2).ravel().tolist()
+    [0.0, 0.5, 1.0, 1.0]
     """
     valid = tile[mask] if mask is not None else tile.reshape(-1, tile.shape[-1])
     out = np.full_like(tile, pad, dtype=np.float32)
     if valid.size == 0:
         return out
-    lo, hi = float(valid.min()), float(valid.max())
-    scaled = (tile - lo) / (hi - lo) if hi > lo else np.full_like(tile, 0.5, dtype=np.float32)
+    scale = float(np.percentile(np.abs(valid), percentile))
+    if not scale > 0:  # all (or nearly all) zero: fall back to the largest value, else grey
+        scale = float(np.abs(valid).max())
+    scaled = 0.5 + 0.5 * tile / scale if scale > 0 else np.full_like(tile, 0.5, dtype=np.float32)
+    scaled = np.clip(scaled, 0.0, 1.0).astype(np.float32)
     if mask is None:
-        return scaled.astype(np.float32)
+        return scaled
     out[mask] = scaled[mask]
     return out
 

@@ -1,37 +1,60 @@
-"""Receptive fields by symbolic tracing.
+"""Receptive fields: traced and derived exactly where possible, measured otherwise.
 
-The model is traced with torch.fx and its shapes propagated on a dummy input;
-then every node's receptive field ``(size, stride, offset)`` per spatial axis
-is derived from its inputs' fields, op by op:
+The model is traced with torch.fx and run once on a dummy input (recording
+every node's shape and every value computed from ``x.size()``); then each
+node's field is derived per spatial axis as explicit input intervals for
+every output position (:mod:`interp.rf_axes`), following the dims that carry
+the rows and the columns through any shape op (:mod:`interp.rf_graph`,
+:mod:`interp.rf_shape`, :mod:`interp.rf_ops`, :mod:`interp.rf_modules`):
 
-* convolution / max / average pooling (kernel, stride, padding, dilation,
-  ``ceil_mode``, groups): ``size += (k_eff - 1) * stride``,
-  ``offset -= pad * stride``, ``stride *= s`` with ``k_eff = d (k - 1) + 1``
-  (``ceil_mode`` only adds units at the border; their fields hang over the
-  padded image and :meth:`ReceptiveField.box` clips them);
-* ``F.pad``: shifts the offset;
-* ops whose output keeps the input's spatial shape (activations, BatchNorm,
-  LRN, dropout, ``add``/``mul``, ``cat`` of branches): the *union* of the
-  inputs' fields (a residual ``add`` sees what either branch sees);
-* adaptive pooling whose output divides the input: an ordinary pooling;
-  otherwise, and for global pooling, flatten and linear layers: the whole
-  input (``is_global``; said in ``notes``).
+* convolution / pooling (kernel, stride, padding incl. TF-style "same"
+  computed in the forward, dilation, ``ceil_mode``): the classic
+  ``size += (k_eff - 1) * stride``, ``offset -= pad * stride``,
+  ``stride *= s``, plus exact per-unit intervals clipped to what is read;
+* permute / view / reshape / flatten / chunk / split / cat / stack / indexing,
+  flip / roll, pixel (un)shuffle and space-to-depth stems: the axes move with
+  their dims (channels-last blocks, channel shuffles, tokens stay local);
+* upsampling (``interpolate`` in every mode, ``Upsample``,
+  ``ConvTranspose2d``): probed per axis, exact;
+* global context (global pooling, squeeze-and-excitation gates, GroupNorm
+  statistics, softmax over positions): the exact field is the whole input
+  (``is_global``) and :attr:`ReceptiveField.local` gives the field through the
+  spatial path (every globally reduced input taken as constant).
 
-Models fx cannot trace fall back to forward hooks on leaf modules composed in
-call order; that ignores branching, and ``notes`` says so.
+The per-unit intervals also end where the network stops reading: unpadded
+strided layers leave the last rows of some inputs unread, and
+``box(..., clip=(H, W))`` never includes them. A model plain fx cannot trace
+is traced a second time with convolutions and pools kept whole (timm
+``Conv2dSame`` computes its padding in the forward).
+
+Where an op cannot be followed, or the model cannot be traced, the field is
+*measured* as the gradient support of a positive twin of the model
+(:mod:`interp.rf_measure`): ``measured=True, exact=False``, with a note and an
+:class:`interp.notices.MeasuredFieldWarning`.
 """
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
-from ._state import HookSet, StopForward, model_device, preserved
+from . import rf_axes as ra
+from ._state import model_device, preserved
 from ._trace import Traced, try_trace
 from .layers import resolve_layer
+from .notices import GlobalContextWarning, MeasuredFieldWarning
+from .rf_graph import GraphFields, ShapeRecorder, first_conv_channels
+from .rf_measure import Measured, Target, measure
+
+__all__ = ["ReceptiveField", "receptive_field", "receptive_fields"]
+
+Span = tuple[int, int]
+IRREGULAR = ("upsampling makes the field differ from unit to unit: size/stride/offset summarise it "
+             "(largest size, mean stride); box() gives each unit's exact box")
 
 
 @dataclass(frozen=True)
@@ -45,22 +68,50 @@ class ReceptiveField:
     Attributes
     ----------
     layer, size, stride, offset, input_size:
-        As named; ``(rows, cols)`` pairs.
+        As named; ``(rows, cols)`` pairs. After upsampling the field is not
+        one size and stride for all units: ``size`` is the largest, ``stride``
+        the mean step (may be fractional) and :meth:`box` uses the exact
+        per-unit intervals.
     output_size:
         Spatial size of the layer's output for ``input_size``.
     is_global:
-        The units see the whole input (after global pooling, flatten, linear);
+        The units see the whole input (after global pooling, flatten, linear,
+        or through a global-context path such as squeeze-and-excitation);
         :meth:`box` then returns the whole image.
     exact:
-        False when part of the model could not be analysed and a rule was
-        approximated; ``notes`` says which.
+        False when the field was measured, or when ``size``/``stride``/``offset``
+        only summarise a field that differs from unit to unit (after
+        upsampling; :meth:`box` is still exact there); ``notes`` says why.
     notes:
-        Human-readable remarks on approximations.
+        Human-readable remarks on approximations and global context.
+    channel_fields:
+        ``((start, end, ReceptiveField), ...)`` per channel range after a
+        channel concatenation (Inception blocks); see :meth:`for_channel`.
+    measured:
+        The field is the measured gradient support of a positive twin of the
+        model, not derived op by op.
+    local:
+        For a layer that sees global context: its field through the spatial
+        path (every input derived through a global reduction taken as
+        constant), ``is_global=False``; else ``None``.
+    spans:
+        Exact input interval ``(start, end)`` per output row and per output
+        column (clipped to the image and to what the network reads); ``None``
+        entries for units that read nothing. Used by :meth:`box` with ``clip``.
+    regular:
+        Per axis: one size and stride for all units (``box`` without ``clip``
+        then gives the nominal box, which may hang over the padding); else
+        ``box`` uses ``spans``.
+    dims:
+        The dims of the layer's output tensor that hold the rows and the
+        columns: ``(2, 3)`` for NCHW maps, ``(1, 2)`` after a permute to NHWC
+        (ConvNeXt MLPs), one dim twice for flattened positions (tokens,
+        row-major); ``None`` when the output has no positions.
     """
 
     layer: str
     size: tuple[int, int]
-    stride: tuple[int, int]
+    stride: tuple[Any, Any]
     offset: tuple[int, int]
     input_size: tuple[int, int]
     output_size: tuple[int, int] | None = None
@@ -68,6 +119,30 @@ class ReceptiveField:
     exact: bool = True
     notes: tuple[str, ...] = ()
     channel_fields: tuple[tuple[int, int, "ReceptiveField"], ...] = ()
+    measured: bool = False
+    local: "ReceptiveField | None" = None
+    spans: tuple[tuple[Span | None, ...], tuple[Span | None, ...]] | None = field(
+        default=None, repr=False, compare=False)
+    regular: tuple[bool, bool] = field(default=(True, True), repr=False, compare=False)
+    dims: tuple[int, int] | None = field(default=(2, 3), repr=False, compare=False)
+
+    @property
+    def spatial(self) -> "ReceptiveField":
+        """The field panels and crops use: :attr:`local` where the layer sees global context, else itself."""
+        return self.local if self.local is not None else self
+
+    @property
+    def read_extent(self) -> tuple[Span, Span] | None:
+        """Input rows ``[start, end)`` and columns the layer's units read at all."""
+        if self.spans is None:
+            return None
+        out = []
+        for axis in self.spans:
+            spans = [s for s in axis if s is not None]
+            if not spans:
+                return None
+            out.append((min(s[0] for s in spans), max(s[1] for s in spans)))
+        return out[0], out[1]
 
     def for_channel(self, channel: int) -> "ReceptiveField":
         """The field of one channel.
@@ -89,7 +164,10 @@ class ReceptiveField:
         Parameters
         ----------
         clip:
-            ``(H, W)``: clip the box to the image ``[0, H) x [0, W)``.
+            ``(H, W)``: clip the box to the image ``[0, H) x [0, W)``; for the
+            analysed input size also to the rows and columns the unit really
+            reads (a network with unpadded strided layers never reads the
+            last rows of some inputs).
         channel:
             Give the channel for the exact per-branch box after a ``cat``
             (default: the union over all channels).
@@ -104,20 +182,29 @@ class ReceptiveField:
         if channel is not None and self.channel_fields:
             return self.for_channel(channel).box(y, x, clip)
         if self.is_global:
-            top, left = 0, 0
-            bottom, right = self.input_size
-        else:
-            top = self.offset[0] + y * self.stride[0]
-            left = self.offset[1] + x * self.stride[1]
-            bottom, right = top + self.size[0], left + self.size[1]
-        if clip is not None:
-            h, w = clip
-            top, left = max(top, 0), max(left, 0)
-            bottom, right = min(bottom, h), min(right, w)
-        return int(top), int(left), int(bottom), int(right)
+            return 0, 0, int(self.input_size[0]), int(self.input_size[1])
+        box = [0, 0, 0, 0]
+        for k, pos in ((0, y), (1, x)):
+            span = self._span(k, pos)
+            if self.regular[k] or span is None:
+                start = self.offset[k] + pos * self.stride[k]
+                box[k], box[k + 2] = int(start), int(start + self.size[k])
+            else:
+                box[k], box[k + 2] = span
+            if clip is not None:
+                box[k], box[k + 2] = max(box[k], 0), min(box[k + 2], clip[k])
+                if span is not None and tuple(clip) == tuple(self.input_size):
+                    box[k], box[k + 2] = max(box[k], span[0]), min(box[k + 2], span[1])
+        return box[0], box[1], box[2], box[3]
+
+    def _span(self, axis: int, pos: int) -> Span | None:
+        if self.spans is None or not 0 <= pos < len(self.spans[axis]):
+            return None
+        return self.spans[axis][pos]
 
     def to_dict(self) -> dict:
         """JSON-friendly dict."""
+        spatial = self.spatial
         return {
             "layer": self.layer,
             "size": list(self.size),
@@ -127,281 +214,212 @@ class ReceptiveField:
             "output_size": list(self.output_size) if self.output_size else None,
             "is_global": self.is_global,
             "exact": self.exact,
+            "measured": self.measured,
             "notes": list(self.notes),
             "channel_fields": [
                 {"channels": [a, b], "size": list(r.size), "offset": list(r.offset), "is_global": r.is_global}
                 for a, b, r in self.channel_fields
             ],
+            "local": self.local.to_dict() if self.local is not None else None,
+            "spatial": {"size": list(spatial.size), "stride": list(spatial.stride), "offset": list(spatial.offset),
+                        "is_global": spatial.is_global},
+            "read_extent": [list(e) for e in self.read_extent] if self.read_extent else None,
+            "dims": list(self.dims) if self.dims else None,
         }
 
 
-@dataclass
-class _F:
-    """Field along both axes; ``glob`` marks the whole input."""
-
-    size: tuple[int, int] = (1, 1)
-    stride: tuple[int, int] = (1, 1)
-    offset: tuple[int, int] = (0, 0)
-    glob: bool = False
-    # Per-channel fields after a channel concat: ((start, end, _F), ...).
-    # Kept through channel-wise ops (pooling, activations, BatchNorm), dropped
-    # by anything that mixes channels.
-    segments: tuple | None = None
-
-    def window(self, k, s, p, d=(1, 1), channelwise: bool = False) -> "_F":
-        segments = None
-        if channelwise and self.segments:
-            segments = tuple((a, b, f.window(k, s, p, d)) for a, b, f in self.segments)
-        if self.glob:
-            return _F(self.size, self.stride, self.offset, True, segments)
-        size = tuple(self.size[i] + (d[i] * (k[i] - 1)) * self.stride[i] for i in range(2))
-        offset = tuple(self.offset[i] - p[i] * self.stride[i] for i in range(2))
-        stride = tuple(self.stride[i] * s[i] for i in range(2))
-        return _F(size, stride, offset, False, segments)
-
-    def shift(self, top: int, left: int) -> "_F":
-        segments = tuple((a, b, f.shift(top, left)) for a, b, f in self.segments) if self.segments else None
-        if self.glob:
-            return _F(self.size, self.stride, self.offset, True, segments)
-        offset = (self.offset[0] - top * self.stride[0], self.offset[1] - left * self.stride[1])
-        return _F(self.size, self.stride, offset, False, segments)
+# -- conversion ------------------------------------------------------------------
+def _summary(ax: ra.Axis, n_in: int) -> tuple[int, Any, int]:
+    """``(size, stride, offset)`` of an axis: its nominal form, or a summary of irregular
+    intervals (after upsampling): the largest interval, the mean step ``n_in / n_out`` (may be
+    fractional) and the offset that puts the centre unit's interval at its place."""
+    if ax.aff is not None:
+        return ax.aff
+    valid = ax.lo < ax.hi
+    if not valid.any():
+        return 0, 1, 0
+    step = n_in / ax.n
+    stride = int(step) if float(step).is_integer() else round(float(step), 4)
+    c = (ax.n - 1) // 2
+    lo_c = int(ax.lo[c]) if valid[c] else int(ax.lo[valid][0])
+    return int((ax.hi[valid] - ax.lo[valid]).max()), stride, int(round(lo_c - c * step))
 
 
-def _union(fields: list[_F]) -> _F:
-    if any(f.glob for f in fields):
-        return _F(glob=True, stride=fields[0].stride)
-    start = tuple(min(f.offset[i] for f in fields) for i in range(2))
-    end = tuple(max(f.offset[i] + f.size[i] for f in fields) for i in range(2))
-    stride = tuple(max(f.stride[i] for f in fields) for i in range(2))
-    return _F(tuple(end[i] - start[i] for i in range(2)), stride, start)
+def _spans(ax: ra.Axis) -> tuple[Span | None, ...]:
+    return tuple((int(a), int(b)) if a < b else None for a, b in zip(ax.lo, ax.hi))
 
 
-def _pair(v) -> tuple[int, int]:
-    if isinstance(v, (tuple, list)):
-        return (int(v[0]), int(v[-1])) if len(v) else (0, 0)
-    return (int(v), int(v))
+def _local_public(layer: str, axes: tuple[ra.Axis, ra.Axis], nf: ra.NodeField, input_size, output_size, exact: bool,
+                  measured: bool, notes: tuple[str, ...]) -> ReceptiveField:
+    rows, cols = _summary(axes[0], input_size[0]), _summary(axes[1], input_size[1])
+    regular = (axes[0].aff is not None, axes[1].aff is not None)
+    if not all(regular):
+        # The spans (and box()) stay exact; the (size, stride, offset) summary does not, and a
+        # crop aligned to this stride would not line up with the coarser grids upsampled here.
+        exact = False
+        notes = notes + (IRREGULAR,)
+    channels = ()
+    if nf.segments:
+        channels = tuple((a, b, _to_public(f"{layer}[{a}:{b}]", g, input_size, output_size, exact, measured, ()))
+                         for a, b, g in nf.segments)
+    return ReceptiveField(layer, (rows[0], cols[0]), (rows[1], cols[1]), (rows[2], cols[2]), tuple(input_size),
+                          output_size, False, exact, notes, channels, measured, None,
+                          (_spans(axes[0]), _spans(axes[1])), regular, (axes[0].dim, axes[1].dim))
 
 
-def _conv_padding(padding, k, d) -> tuple[int, int]:
-    if padding == "valid":
-        return (0, 0)
-    if padding == "same":
-        # torch pads (total // 2) before and the rest after.
-        return tuple((d[i] * (k[i] - 1)) // 2 for i in range(2))
-    return _pair(padding)
+def _to_public(layer: str, nf: ra.NodeField, input_size, output_size, exact: bool, measured: bool,
+               notes: tuple[str, ...]) -> ReceptiveField:
+    """Public field of one graph value."""
+    h, w = input_size
+    if not nf.glob:
+        return _local_public(layer, nf.axes, nf, input_size, output_size, exact, measured, notes)
+    local = None
+    stride: tuple[Any, Any] = (h, w)
+    context = tuple(n for n in notes if n.startswith("global context"))
+    others = tuple(n for n in notes if not n.startswith("global context"))
+    if nf.axes is not None:
+        local = _local_public(layer, nf.axes, ra.NodeField(nf.axes), input_size, output_size, exact, measured, others)
+        stride = local.stride
+        tail = ("; the exact field is the whole input, `local` (and `spatial`) is the field through the spatial "
+                "path, taking what the global reduction computes as constant")
+    else:
+        tail = "; units see the whole input"
+    notes = tuple(n + tail for n in context) + others
+    whole = ((0, h),), ((0, w),)
+    dims = local.dims if local is not None else ((2, 3) if output_size else None)
+    return ReceptiveField(layer, (h, w), stride, (0, 0), (h, w), output_size, True, exact, notes, (), measured,
+                          local, whole, (True, True), dims)
 
 
-def _spatial(node: fx.Node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta")
-    shape = getattr(meta, "shape", None)
-    return tuple(shape[2:]) if shape is not None else None
-
-
-def _is_map(node: fx.Node) -> bool:
-    shape = getattr(node.meta.get("tensor_meta"), "shape", None)
-    return shape is not None and len(shape) == 4
-
-
-def _local_module_field(mod: nn.Module, f: _F) -> _F | None:
-    """Field after a conv, pooling or padding module; ``None`` for any other module."""
-    if isinstance(mod, nn.Conv2d):
-        k, s, d = _pair(mod.kernel_size), _pair(mod.stride), _pair(mod.dilation)
-        return f.window(k, s, _conv_padding(mod.padding, k, d), d)
-    if isinstance(mod, nn.MaxPool2d):
-        k = _pair(mod.kernel_size)
-        s = _pair(mod.stride if mod.stride is not None else mod.kernel_size)
-        return f.window(k, s, _pair(mod.padding), _pair(mod.dilation), channelwise=True)
-    if isinstance(mod, (nn.AvgPool2d, nn.LPPool2d)):
-        k = _pair(mod.kernel_size)
-        s = _pair(mod.stride if mod.stride is not None else mod.kernel_size)
-        return f.window(k, s, _pair(getattr(mod, "padding", 0)), channelwise=True)
-    if isinstance(mod, (nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d)):
-        pad = mod.padding if isinstance(mod.padding, (tuple, list)) else (mod.padding,) * 4
-        return f.shift(pad[2], pad[0])
+def _output_size(nf: ra.NodeField, shape: tuple[int, ...] | None) -> tuple[int, int] | None:
+    if nf.axes is not None:
+        return nf.axes[0].n, nf.axes[1].n
+    if shape is not None and len(shape) == 4:
+        return shape[2], shape[3]
     return None
 
 
-class _Propagator:
-    """Receptive fields of all nodes of a traced, shape-propagated graph."""
+# -- analysis --------------------------------------------------------------------
+@dataclass
+class _Analysis:
+    """One model analysed at one input size (cached on the trace)."""
 
-    def __init__(self, traced: Traced, gm: fx.GraphModule) -> None:
-        self.traced = traced
-        self.gm = gm
-        self.fields: dict[fx.Node, _F] = {}
-        self.notes: dict[fx.Node, list[str]] = {}
-
-    def run(self, upto: fx.Node | None) -> None:
-        for node in self.gm.graph.nodes:
-            if node.op == "placeholder" and not self.fields:
-                self.fields[node] = _F()
-                continue
-            if node.op in ("call_module", "call_function", "call_method"):
-                inputs = [a for a in node.all_input_nodes if a in self.fields]
-                if not inputs:
-                    continue
-                notes: list[str] = []
-                for a in inputs:
-                    notes.extend(self.notes.get(a, []))
-                f = self._rule(node, inputs, notes)
-                if f is not None:
-                    self.fields[node] = f
-                    self.notes[node] = list(dict.fromkeys(notes))
-            if upto is not None and node.name == upto.name:
-                break
-
-    # -- op rules -------------------------------------------------------
-    def _rule(self, node: fx.Node, inputs: list[fx.Node], notes: list[str]) -> _F | None:
-        first = self.fields[inputs[0]]
-        if node.op == "call_module":
-            mod = self.gm.get_submodule(node.target)
-            out = self._module_rule(mod, node, first, notes, str(node.target))
-        else:
-            out = self._function_rule(node, first, notes)
-        if out is not None:
-            return out
-        return self._generic(node, inputs, notes)
-
-    def _module_rule(self, mod: nn.Module, node, f: _F, notes, where: str) -> _F | None:
-        local = _local_module_field(mod, f)
-        if local is not None:
-            return local
-        if isinstance(mod, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
-            return self._adaptive(node, f, notes, where)
-        if isinstance(mod, (nn.ConvTranspose2d, nn.Upsample, nn.PixelShuffle)):
-            notes.append(f"{where} ({type(mod).__name__}): upsampling not analysed; field taken as the whole input")
-            return _F(glob=True, stride=f.stride)
-        return None
-
-    def _adaptive(self, node, f: _F, notes, where) -> _F:
-        src = _spatial(node.all_input_nodes[0])
-        dst = _spatial(node)
-        if src and dst and len(src) == 2 and len(dst) == 2 and all(src[i] % dst[i] == 0 for i in range(2)):
-            k = tuple(src[i] // dst[i] for i in range(2))
-            if dst == (1, 1):
-                notes.append(f"{where}: global pooling, units see the whole input")
-                return _F(glob=True, stride=f.stride)
-            return f.window(k, k, (0, 0), channelwise=True)
-        notes.append(f"{where}: adaptive pooling {src} -> {dst} with uneven windows, field taken as the whole input")
-        return _F(glob=True, stride=f.stride)
-
-    def _function_rule(self, node: fx.Node, f: _F, notes) -> _F | None:
-        t = node.target
-        args, kw = node.args, node.kwargs
-
-        def arg(i, name, default):
-            return args[i] if len(args) > i else kw.get(name, default)
-
-        if t is F.conv2d or t is torch.conv2d:
-            w = _spatial(arg(1, "weight", None)) if isinstance(arg(1, "weight", None), fx.Node) else None
-            if w is None:
-                return None
-            k, s, d = _pair(w), _pair(arg(3, "stride", 1)), _pair(arg(5, "dilation", 1))
-            return f.window(k, s, _conv_padding(arg(4, "padding", 0), k, d), d)
-        if t in (F.max_pool2d, torch.max_pool2d, F.avg_pool2d, getattr(torch._C._nn, "avg_pool2d", None)):
-            k = _pair(arg(1, "kernel_size", 1))
-            stride = arg(2, "stride", None)
-            s = _pair(stride if stride not in (None, [], ()) else k)
-            d = _pair(arg(4, "dilation", 1)) if t in (F.max_pool2d, torch.max_pool2d) else (1, 1)
-            return f.window(k, s, _pair(arg(3, "padding", 0)), d, channelwise=True)
-        if t in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
-            return self._adaptive(node, f, notes, self.traced.node_name(node) or node.name)
-        if t is F.pad:
-            pad = arg(1, "pad", ())
-            if len(pad) >= 4:
-                return f.shift(int(pad[2]), int(pad[0]))
-            if len(pad) >= 2:
-                return f.shift(0, int(pad[0]))
-        return None
-
-    @staticmethod
-    def _cat_dim(node: fx.Node) -> int:
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-        return dim + 4 if isinstance(dim, int) and dim < 0 else dim
-
-    def _segments(self, node: fx.Node, parts: list[fx.Node]) -> tuple | None:
-        tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
-        out, start = [], 0
-        for t in tensors:
-            if not isinstance(t, fx.Node) or t not in self.fields:
-                return None
-            shape = getattr(t.meta.get("tensor_meta"), "shape", None)
-            if shape is None:
-                return None
-            f = self.fields[t]
-            if f.segments:  # nested concat: keep the finer split
-                out.extend((start + a, start + b, g) for a, b, g in f.segments)
-            else:
-                out.append((start, start + shape[1], f))
-            start += shape[1]
-        return tuple(out)
-
-    def _generic(self, node: fx.Node, inputs: list[fx.Node], notes) -> _F | None:
-        maps = [a for a in inputs if _is_map(a)]
-        out_spatial = _spatial(node)
-        if out_spatial is None:
-            return None  # not a tensor (size(), getattr, ...)
-        where = self.traced.node_name(node) or node.name
-        # A constant feature-map-shaped tensor (a learned positional bias,
-        # a coordinate grid) makes the output depend on absolute position:
-        # not a local, translation-equivariant field.
-        fixed = [
-            a for a in node.all_input_nodes
-            if a not in self.fields and _is_map(a) and _spatial(a) not in (None, (1, 1))
-        ]
-        if fixed:
-            notes.append(f"{where}: combines the input with a fixed position-dependent tensor; field taken as the whole input")
-            return _F(glob=True, stride=self.fields[inputs[0]].stride)
-        if len(out_spatial) == 2 and maps:
-            same = [a for a in maps if _spatial(a) == out_spatial]
-            gates = [a for a in maps if _spatial(a) == (1, 1) and out_spatial != (1, 1)]
-            if same and len(same) + len(gates) == len(maps):
-                if len(same) == 1 and not gates:
-                    return self.fields[same[0]]  # pointwise: BN, activations, dropout, LRN
-                union = _union([self.fields[a] for a in same + gates])
-                if node.target is torch.cat and not gates and self._cat_dim(node) == 1:
-                    union.segments = self._segments(node, same)
-                return union
-            notes.append(f"{where}: op {node.target} changes the spatial size in a way not analysed; field taken as the whole input")
-            return _F(glob=True, stride=self.fields[inputs[0]].stride)
-        # Output is no longer a feature map (flatten, linear, mean over H, W):
-        # every output value mixes all positions.
-        if maps:
-            notes.append(f"{where}: {getattr(node.target, '__name__', node.target)} mixes all positions, units see the whole input")
-        return _F(glob=True, stride=self.fields[inputs[0]].stride)
+    traced: Traced | None
+    x_shape: tuple[int, ...] | None
+    fields: GraphFields | None
+    failure: str | None  # why the graph could not be analysed at all
+    leaf_trace: bool = False  # traced with whole conv/pool modules (plain fx failed)
+    measured: dict[str, Measured | str] = field(default_factory=dict)
 
 
-def _in_channels(model: nn.Module, order: list[str]) -> int:
-    modules = dict(model.named_modules())
-    for name in order:
-        m = modules.get(name)
-        if isinstance(m, nn.Conv2d):
-            return m.in_channels
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            return m.in_channels
-    return 3
+def _pair(v: Any) -> tuple[int, int]:
+    if isinstance(v, (tuple, list)):
+        return int(v[0]), int(v[-1])
+    return int(v), int(v)
 
 
-def _dummy(model: nn.Module, input_size, in_channels: int | None, order: list[str], meta: bool = False) -> torch.Tensor:
-    h, w = _pair(input_size)
-    c = in_channels if in_channels is not None else _in_channels(model, order)
+def _channel_candidates(model: nn.Module, gm: fx.GraphModule | None, in_channels: int | None) -> list[int]:
+    """Input channels to try: the given ones, else the first conv the graph calls, the first
+    conv in module order, 3."""
+    if in_channels is not None:
+        return [int(in_channels)]
+    out = [first_conv_channels(gm)] if gm is not None else []
+    out.append(next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), None))
+    out.append(3)
+    return list(dict.fromkeys(c for c in out if c))
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _dummy(model: nn.Module, c: int, h: int, w: int) -> torch.Tensor:
     # The model's own floating dtype: a float64 model refuses a float32 probe.
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
-    return torch.zeros(1, c, h, w, device="meta" if meta else model_device(model), dtype=dtype)
+    return torch.zeros(1, c, h, w, device=model_device(model), dtype=dtype)
 
 
-def _to_public(layer: str, f: _F, notes: list[str], input_size, output_size, exact: bool) -> ReceptiveField:
-    h, w = _pair(input_size)
-    channels = ()
-    if f.segments:
-        channels = tuple(
-            (a, b, _to_public(f"{layer}[{a}:{b}]", g, [], input_size, output_size, exact)) for a, b, g in f.segments
-        )
-    if f.glob:
-        return ReceptiveField(layer, (h, w), tuple(f.stride), (0, 0), (h, w), output_size, True, exact, tuple(notes), channels)
-    return ReceptiveField(
-        layer, tuple(f.size), tuple(f.stride), tuple(f.offset), (h, w), output_size, False, exact, tuple(notes), channels
-    )
+# Convolutions and pools stay whole in a second trace when the plain one fails: a
+# subclass that computes its padding in the forward (timm Conv2dSame,
+# MaxPool2dSame) is what most often stops fx, and their rules infer that padding.
+_LEAVES = (nn.Conv2d, nn.ConvTranspose2d, nn.MaxPool2d, nn.AvgPool2d)
+
+
+def _analyse(model: nn.Module, size: tuple[int, int], in_channels: int | None) -> _Analysis:
+    traced, reason = try_trace(model)
+    if traced is None:
+        traced, _ = try_trace(model, _LEAVES)
+        if traced is None:
+            return _Analysis(None, None, None, f"model not fx-traceable ({reason})")
+        leaf_trace = True
+    else:
+        leaf_trace = False
+    cache = traced.__dict__.setdefault("_rf_cache", {})
+    key = (size, in_channels)
+    if key in cache:
+        return cache[key]
+    gm = fx.GraphModule(model, traced.graph)
+    names = {node: name for name, node in traced.names.items()}
+    errors = []
+    for c in _channel_candidates(model, gm, in_channels):
+        x = _dummy(model, c, *size)
+        recorder = ShapeRecorder(gm)
+        try:
+            with preserved(model, eval_mode=True), torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                recorder.run(x)
+        except Exception as exc:  # noqa: BLE001 - any failure: try the next guess, then measure
+            errors.append(f"dummy input of shape {tuple(x.shape)}: {_first_line(exc)}")
+            continue
+        graph_fields = GraphFields(gm, recorder.values, names)
+        graph_fields.run()
+        cache[key] = _Analysis(traced, tuple(x.shape), graph_fields, None, leaf_trace=leaf_trace)
+        return cache[key]
+    cache[key] = _Analysis(traced, None, None, "the traced graph failed on a " + errors[0], leaf_trace=leaf_trace)
+    return cache[key]
+
+
+def _measure(model: nn.Module, an: _Analysis, size, in_channels, targets: list[Target], graph) -> None:
+    """Measure ``targets`` (cached in ``an``); the first channel count whose forward runs wins."""
+    todo = [t for t in targets if t.name not in an.measured]
+    if not todo:
+        return
+    shapes = [an.x_shape] if an.x_shape is not None else [
+        (1, c, *size) for c in _channel_candidates(model, None, in_channels)]
+    error = None
+    for shape in shapes:
+        try:
+            with preserved(model, eval_mode=True), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                got = measure(model, shape, todo, graph)
+        except Exception as exc:  # noqa: BLE001 - the model refuses this input: try the next
+            error = _first_line(exc)
+            continue
+        an.x_shape = an.x_shape or shape
+        an.measured.update(got)
+        return
+    raise ValueError(f"model forward failed on a dummy input of shape {shapes[0]}: {error}. "
+                     "Pass the input size the model expects (input_size=, --input-size).")
+
+
+def _measured_public(name: str, m: Measured | str, why: str, size, explicit: bool) -> ReceptiveField | None:
+    if isinstance(m, str):
+        if explicit:
+            raise ValueError(f"layer {name!r} has no receptive field: {m}")
+        return None
+    note = f"{why}; field measured as the gradient support of a positive copy of the model"
+    return _to_public(name, m.field, size, m.output_size, False, True, (note,) + m.notes)
+
+
+def _emit(result: dict[str, ReceptiveField]) -> None:
+    """One warning per layer and call: measured fields, and layers that see global context."""
+    for name, rf in result.items():
+        if rf.measured:
+            warnings.warn(f"{name}: {rf.notes[0]}", MeasuredFieldWarning, stacklevel=3)
+        elif rf.is_global and rf.local is not None:
+            note = next((n for n in rf.notes if n.startswith("global context")), "global context")
+            warnings.warn(f"{name}: {note}; panels and crops use the local field", GlobalContextWarning, stacklevel=3)
 
 
 def receptive_fields(
@@ -415,61 +433,67 @@ def receptive_fields(
     Parameters
     ----------
     layers:
-        Names to report; default: every module whose output is a feature map,
-        plus traced functional nodes producing feature maps.
+        Names to report; default: every module and traced functional node
+        whose output is a feature map (also channels-last or flattened
+        positions).
 
     Returns
     -------
     dict
         layer name -> :class:`ReceptiveField`, in forward order.
     """
-    traced, reason = try_trace(model)
-    if traced is None:
-        names = layers or [n for n, m in model.named_modules() if n and not list(m.children())]
-        out = {}
-        for name in names:
-            try:
-                out[name] = receptive_field(model, name, input_size, in_channels)
-            except ValueError:
-                if layers:
-                    raise
-        return out
+    size = _pair(input_size)
     refs = [resolve_layer(model, n) for n in layers] if layers else None
-    x_shape = tuple(_dummy(model, input_size, in_channels, traced.module_order, meta=True).shape)
-    cache = traced.__dict__.setdefault("_rf_cache", {})
-    if x_shape not in cache:
-        cache[x_shape] = _propagate(model, traced, input_size, in_channels)
-    gm, prop = cache[x_shape]
-    by_node = {n.name: n for n in gm.graph.nodes}
-    result: dict[str, ReceptiveField] = {}
-    wanted = [r.name for r in refs] if refs else list(traced.names)
-    for name in wanted:
-        node = by_node.get(traced.names[name].name) if name in traced.names else None
-        if node is None or node not in prop.fields or not _is_map(node):
-            if refs:
-                raise ValueError(f"layer {name!r} has no spatial output, so no receptive field")
-            continue
-        notes = prop.notes.get(node, [])
-        result[name] = _to_public(name, prop.fields[node], notes, input_size, _spatial(node), exact=True)
+    an = _analyse(model, size, in_channels)
+    if an.fields is None:
+        leaves = [n for n, m in model.named_modules() if n and not list(m.children())]
+        names = [r.name for r in refs] if refs else leaves
+        missing = [r.name for r in refs or [] if r.module is None]
+        if missing:
+            raise ValueError(f"layer {missing[0]!r} cannot be analysed: {an.failure}")
+        _measure(model, an, size, in_channels, [Target(n, None, n, (2, 3)) for n in names], None)
+        result = {n: _measured_public(n, an.measured[n], an.failure, size, bool(refs)) for n in names}
+        result = {n: r for n, r in result.items() if r is not None}
+        _emit(result)
+        return result
+    result = _from_graph(model, an, size, in_channels, refs)
+    _emit(result)
     return result
 
 
-def _propagate(model: nn.Module, traced: Traced, input_size, in_channels) -> tuple[fx.GraphModule, "_Propagator"]:
-    with preserved(model, eval_mode=True), torch.no_grad():
-        gm = fx.GraphModule(model, traced.graph)
-        x = _dummy(model, input_size, in_channels, traced.module_order)
-        try:
-            from torch.fx.passes.shape_prop import ShapeProp
-
-            ShapeProp(gm).propagate(x)
-        except Exception as exc:
-            raise ValueError(
-                f"model forward failed on a dummy input of shape {tuple(x.shape)}: {exc}. "
-                "Pass the input size the model expects (input_size=, --input-size)."
-            ) from exc
-        prop = _Propagator(traced, gm)
-        prop.run(None)
-    return gm, prop
+def _from_graph(model, an: _Analysis, size, in_channels, refs) -> dict[str, ReceptiveField]:
+    # A second-chance trace names its functional nodes unlike interp.layers(): report modules only.
+    modules = dict(model.named_modules())
+    names = [r.name for r in refs] if refs else [n for n in an.traced.names if n in modules or not an.leaf_trace]
+    result: dict[str, ReceptiveField | None] = {}
+    graph_targets, hook_targets, why = [], [], {}
+    for name in names:
+        node = an.traced.names.get(name)
+        f = an.fields.fields.get(node) if node is not None else None
+        if isinstance(f, list) and refs:
+            f = next((g for g in f if isinstance(g, ra.NodeField)), None)
+        if node is None and refs and refs[names.index(name)].module is not None:
+            hook_targets.append(Target(name, None, name, (2, 3)))
+            why[name] = "layer not in the traced graph"
+            result[name] = None
+            continue
+        shape = an.fields.shape(node) if node is not None else None
+        if isinstance(f, ra.NodeField) and f.unknown is not None and f.hint is not None:
+            graph_targets.append(Target(name, node.name, None, f.hint))
+            why[name] = f.unknown
+            result[name] = None
+        elif isinstance(f, ra.NodeField) and f.unknown is None and (
+                f.axes is not None or (f.glob and shape is not None and len(shape) == 4)):
+            result[name] = _to_public(name, f, size, _output_size(f, shape), True, False, tuple(f.notes))
+        elif refs:
+            raise ValueError(f"layer {name!r} has no spatial output, so no receptive field")
+    if graph_targets:
+        _measure(model, an, size, in_channels, graph_targets, an.traced.graph)
+    if hook_targets:
+        _measure(model, an, size, in_channels, hook_targets, None)
+    for name in why:
+        result[name] = _measured_public(name, an.measured[name], why[name], size, bool(refs))
+    return {n: r for n, r in result.items() if r is not None}
 
 
 def receptive_field(
@@ -490,7 +514,8 @@ def receptive_field(
     input_size:
         ``(H, W)`` of the input images (or one int for square inputs).
     in_channels:
-        Input channels of the dummy image; default: the first conv's.
+        Input channels of the dummy image; default: the first convolution's
+        that the model calls.
 
     Returns
     -------
@@ -506,53 +531,4 @@ def receptive_field(
     (0, 0, 3, 3)
     """
     ref = resolve_layer(model, layer)
-    traced, reason = try_trace(model)
-    if traced is not None and ref.name in traced.names:
-        return receptive_fields(model, input_size, [ref.name], in_channels)[ref.name]
-    if ref.module is None:
-        raise ValueError(f"layer {layer!r} cannot be analysed")
-    return _by_hooks(model, ref.name, ref.module, input_size, in_channels, reason or "layer not in traced graph")
-
-
-def _by_hooks(model, name, target, input_size, in_channels, reason) -> ReceptiveField:
-    """Fallback for models fx cannot trace: compose leaf modules in call order."""
-    calls: list[tuple[str, nn.Module, tuple, tuple]] = []
-    names = {m: n for n, m in model.named_modules()}
-
-    def hook(module, inputs, output):
-        ins = inputs[0].shape if inputs and isinstance(inputs[0], torch.Tensor) else None
-        outs = output.shape if isinstance(output, torch.Tensor) else None
-        calls.append((names[module], module, ins, outs))
-        if module is target:
-            raise StopForward
-
-    leaves = [m for m in model.modules() if not list(m.children())]
-    with preserved(model, eval_mode=True), torch.no_grad(), HookSet() as hooks:
-        for m in set(leaves) | {target}:
-            hooks.forward(m, hook)
-        x = _dummy(model, input_size, in_channels, [])
-        try:
-            model(x)
-        except StopForward:
-            pass
-    f = _F()
-    notes = [f"model not fx-traceable ({reason}); field composed from modules in call order, ignoring branches"]
-    out_size = None
-    for mname, mod, ins, outs in calls:
-        local = _local_module_field(mod, f)
-        if local is not None:
-            f = local
-        elif ins is not None and outs is not None and (len(outs) != 4 or tuple(ins[2:]) != tuple(outs[2:])):
-            if len(outs) == 4 and isinstance(mod, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) and all(
-                ins[2 + i] % outs[2 + i] == 0 for i in range(2)
-            ) and tuple(outs[2:]) != (1, 1):
-                k = tuple(ins[2 + i] // outs[2 + i] for i in range(2))
-                f = f.window(k, k, (0, 0))
-            else:
-                notes.append(f"{mname} ({type(mod).__name__}) treated as covering the whole input")
-                f = _F(glob=True, stride=f.stride)
-        if mod is target:
-            out_size = tuple(outs[2:]) if outs is not None and len(outs) == 4 else None
-            break
-    warnings.warn(notes[0], stacklevel=3)
-    return _to_public(name, f, notes, input_size, out_size, exact=False)
+    return receptive_fields(model, input_size, [ref.name], in_channels)[ref.name]

@@ -112,6 +112,9 @@ class TopK:
     entries:
         ``{layer: {channel: [Entry, ...]}}`` sorted by rank (value descending,
         ties by lower dataset index).
+    weights:
+        Where the model's weights came from (``{"name", "file", "sha256"}``,
+        ``{"random": True, "seed": 0}``...), ``None`` when not recorded.
     """
 
     model_id: str | None
@@ -120,6 +123,7 @@ class TopK:
     input_size: tuple[int, int]
     layers: dict[str, LayerInfo] = field(default_factory=dict)
     entries: dict[str, dict[int, list[Entry]]] = field(default_factory=dict)
+    weights: dict | None = None
 
     def __getitem__(self, key: tuple[str, int]) -> list[Entry]:
         layer, channel = key
@@ -171,6 +175,7 @@ class TopK:
             "k": self.k,
             "n_images": self.n_images,
             "input_size": list(self.input_size),
+            "weights": self.weights,
             "layers": layers,
         }
 
@@ -183,7 +188,8 @@ class TopK:
         def tup(v):
             return tuple(v) if v is not None else None
 
-        out = cls(data["model_id"], int(data["k"]), int(data["n_images"]), tuple(data["input_size"]))
+        out = cls(data["model_id"], int(data["k"]), int(data["n_images"]), tuple(data["input_size"]),
+                  weights=data.get("weights"))
         for d in data["layers"]:
             info = LayerInfo(
                 name=d["name"], kind=d["kind"], channels=[int(c) for c in d["channels"]],

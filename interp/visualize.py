@@ -23,6 +23,7 @@ gradients), so the output files are byte-identical to a single-process run.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
@@ -40,10 +41,11 @@ from tqdm.auto import tqdm
 from . import dist
 from .data import IndexedImages
 from .mine import collected_notes, eval_mode, first_image, mine, on_device, resolve_layers
-from .panels import encode_figure, panel_tiles, render_panel, to_uint8
+from .gallery import encode_tile
+from .panels import encode_figure, panel_tiles, render_panel
 from .topk import TopK, write_atomic
 
-__all__ = ["visualize", "VisualizeResult", "METHODS", "slug"]
+__all__ = ["visualize", "VisualizeResult", "METHODS", "slug", "prepare_out_dir"]
 
 METHODS = ("guided", "deconvnet", "gradient")
 
@@ -68,26 +70,33 @@ class VisualizeResult:
     notes: dict[str, list[str]] = field(default_factory=dict)
 
 
-def _tile_bytes(tile: np.ndarray, max_px: int | None = 128) -> tuple[bytes, str]:
-    """Encode a gallery tile: PNG for small fields (exact pixels), JPEG otherwise.
+def prepare_out_dir(out_dir: str | os.PathLike) -> Path:
+    """Create ``out_dir`` and check a file can be written there; returns it as a ``Path``.
 
-    Tiles larger than ``max_px`` are shrunk (the page shows them at 64 px);
-    that keeps a ResNet all-conv gallery at a few MB instead of tens.
+    Called before any mining, so a folder that cannot be written (its parent
+    is a file, no permission) fails in a second with one clear line instead
+    of after the whole mining pass.
+
+    Raises
+    ------
+    ValueError
+        Naming the folder and what is wrong with it.
     """
-    import io
-
-    from PIL import Image
-
-    img = Image.fromarray(to_uint8(tile))
-    if max_px is not None and max(img.size) > max_px:
-        s = max_px / max(img.size)
-        img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.LANCZOS)
-    buf = io.BytesIO()
-    if max(tile.shape[:2]) <= 64:
-        img.save(buf, format="PNG", optimize=True)
-        return buf.getvalue(), "png"
-    img.save(buf, format="JPEG", quality=88)
-    return buf.getvalue(), "jpg"
+    out_dir = Path(out_dir)
+    blocker = next((p for p in [out_dir, *out_dir.parents] if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ValueError(f"cannot create output folder {out_dir}: {blocker} is a file, not a folder; "
+                         "pass another --out")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # A probe file per process (torchrun ranks share the folder), removed at once.
+        probe = out_dir / f".cnn-internals-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ValueError(f"cannot write to output folder {out_dir}: {reason.lower()}; pass another --out") from None
+    return out_dir
 
 
 def visualize(
@@ -108,6 +117,7 @@ def visualize(
     web: str | None = None,
     num_workers: int = 0,
     distributed: bool | None = None,
+    weights_info: dict | None = None,
 ) -> VisualizeResult:
     """Mine, project and draw panels plus an HTML gallery into ``out_dir``.
 
@@ -149,6 +159,12 @@ def visualize(
         :func:`interp.project` call a single process makes, so the files are
         identical to a single-process run. Only rank 0 writes; every rank
         returns the same paths.
+    weights_info:
+        Where the model's weights came from, a JSON-ready dict such as
+        ``{"name": ..., "file": ..., "sha256": ...}`` or
+        ``{"random": True, "seed": 0}``: recorded as ``"weights"`` in
+        ``topk.json`` and ``gallery.json`` and shown in the gallery header.
+        ``None`` (default): the one a given ``topk`` holds, else unrecorded.
 
     Returns
     -------
@@ -159,6 +175,10 @@ def visualize(
 
     Notes
     -----
+    ``topk.json`` is written as soon as mining ends, before any projection:
+    when a later stage fails or is interrupted, the mining result stays in
+    the folder and ``topk=TopK.load(out_dir / "topk.json")`` resumes from it.
+
     Every :class:`interp.notices.EngineWarning` raised for a layer (its
     receptive field while mining, its projections) is collected for that
     layer instead of being printed, de-duplicated, and returned in
@@ -185,15 +205,16 @@ def visualize(
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise ValueError(f"unknown method(s) {bad or methods}; choose from {', '.join(METHODS)}")
-    out_dir = Path(out_dir)
+    created = not Path(out_dir).exists()
+    out_dir = prepare_out_dir(out_dir)  # before mining: a folder we cannot write fails at once
     timings = {"mining": 0.0, "loading": 0.0, "projection": 0.0, "drawing": 0.0}
 
     if topk is None:
         names = resolve_layers(model, layers, example=lambda: first_image(data))
         t0 = time.perf_counter()
-        with collected_notes():  # its engine warnings are in LayerInfo.notes: said once, per layer, from there
-            topk = mine(model, data, names, channels=channels, k=k, batch_size=batch_size, device=device,
-                        model_id=model_id, progress=progress, num_workers=num_workers, distributed=spread)
+        topk = _mine_and_keep(model, data, names, out_dir, created, weights_info,
+                              dict(channels=channels, k=k, batch_size=batch_size, device=device, model_id=model_id,
+                                   progress=progress, num_workers=num_workers, distributed=spread))
         timings["mining"] = time.perf_counter() - t0
     else:
         names = (list(topk.layers) if layers == "all-conv"
@@ -204,6 +225,8 @@ def visualize(
             model_id = topk.model_id
         if spread:
             dist.check_same_module(model)  # (mine checks it otherwise)
+        if weights_info is not None:
+            topk.weights = dict(weights_info)
 
     writer = _Writer(out_dir, model_id, topk, names, methods)
     jobs = [(name, method) for name in names for method in methods]
@@ -228,6 +251,29 @@ def visualize(
         topk_path=out_dir / "topk.json", index_path=out_dir / "index.html", timings=timings,
         notes={n: writer.notes_of(n) for n in names if writer.notes_of(n)},
     )
+
+
+def _mine_and_keep(model: nn.Module, data: IndexedImages, names: list[str], out_dir: Path, created: bool,
+                   weights_info: dict | None, mine_kwargs: dict) -> TopK:
+    """Mine ``names`` and write ``out_dir/topk.json`` at once (rank 0), before any projection.
+
+    The file survives whatever fails or is interrupted later, so the mining
+    pass (the long part) need not be run again. A folder this call created
+    is removed again when mining itself fails (nothing was written yet).
+    """
+    try:
+        with collected_notes():  # its engine warnings are in LayerInfo.notes: said once, per layer, from there
+            topk = mine(model, data, names, **mine_kwargs)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):  # (not empty: someone else's files; leave it)
+                out_dir.rmdir()
+        raise
+    if weights_info is not None:
+        topk.weights = dict(weights_info)
+    if dist.is_main():
+        topk.save(out_dir / "topk.json")
+    return topk
 
 
 def _run_spread(run_jobs, writer: "_Writer", jobs: list[tuple[str, str]]) -> dict[str, float]:
@@ -428,7 +474,7 @@ def _render_job(data: IndexedImages, topk: TopK, name: str, method: str, proj: t
     job: dict = {
         "name": name, "method": method, "channels": list(tiles.channels), "notes": list(notes or []),
         "panel": encode_figure(fig, "png"), "web": (web, encode_figure(fig, web)) if web else None,
-        "proj": [[_tile_bytes(t) for t in row] for row in tiles.proj],
+        "proj": [[encode_tile(t) for t in row] for row in tiles.proj],
     }
     if tiles_too:
         job["title"], job["tile_size"], job["inputs"], job["tiles"] = tiles.title, list(tiles.tile_size), {}, []
@@ -439,11 +485,11 @@ def _render_job(data: IndexedImages, topk: TopK, name: str, method: str, proj: t
                     mine = e.index not in encoded
                     encoded.add(e.index)
                 if mine:
-                    job["inputs"][e.index] = _tile_bytes(raws[e.index], max_px=None)
+                    job["inputs"][e.index] = encode_tile(raws[e.index], max_px=None)
                 row.append({
                     "rank": r, "index": e.index, "y": e.y, "x": e.x, "value": e.value,
                     "label": data.describe(e.index), "box": list(tiles.boxes[b][r]),
-                    "crop": _tile_bytes(tiles.crops[b][r]),
+                    "crop": encode_tile(tiles.crops[b][r]),
                 })
             job["tiles"].append(row)
     return job
@@ -514,6 +560,7 @@ class _Writer:
             "input_size": list(self.topk.input_size),
             "n_images": self.topk.n_images,
             "k": self.topk.k,
+            "weights": self.topk.weights,
             "layers": [],
         }
         for name in self.names:

@@ -36,6 +36,14 @@ def test_layers_and_file_factory(tmp_path, capsys):
     assert names == ["a", "b", "relu", "add"]
     assert main(["rf", f"{src}:make", "--input-size", "16", "--layers", "b"]) == 0
     assert "5x5" in capsys.readouterr().out
+    # The table: forward order, type, output shape of a 16x16 probe, and the convN aliases.
+    assert main(["layers", f"{src}:make", "--input-size", "16"]) == 0
+    rows = [r.split() for r in capsys.readouterr().out.splitlines()]
+    assert rows == [["layer", "type", "output", "alias"], ["a", "Conv2d", "4x14x14", "conv1"],
+                    ["relu", "relu", "4x14x14"], ["b", "Conv2d", "4x12x12", "conv2"], ["add", "add", "4x12x12"]]
+    assert main(["layers", f"{src}:make", "--input-size", "16", "--json", "--details"]) == 0
+    detail = json.loads(capsys.readouterr().out)
+    assert detail["layers"][0] == {"name": "a", "type": "Conv2d", "output_shape": [4, 14, 14], "aliases": ["conv1"]}
 
 
 def test_errors_are_one_line():
@@ -106,4 +114,7 @@ def test_layers_blocks_lists_what_all_blocks_picks(capsys):
     assert main(["layers", "torchvision:resnet18", "--blocks", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
     assert main(["layers", "torchvision:squeezenet1_0", "--blocks"]) == 0
-    assert capsys.readouterr().out.split() == [f"features.{i}" for i in (3, 4, 5, 7, 8, 9, 10, 12)]
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0].split() == ["layer", "type", "output", "alias"]
+    assert [r.split()[:2] for r in rows[1:]] == [[f"features.{i}", "Fire"] for i in (3, 4, 5, 7, 8, 9, 10, 12)]
+    assert rows[1].split()[2] == "128x54x54"  # the probe forward at 224: after the stride-2 conv and pool

@@ -8,8 +8,8 @@ from interp.topk import TopK
 
 
 def test_demo_writes_panels_topk_and_gallery(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--limit", "60"]) == 0
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--limit", "60", "--only", "lenet5"]) == 0
+    out = tmp_path / "demo" / "lenet5"
     printed = capsys.readouterr().out
     assert str(out / "index.html") in printed and str(out / "topk.json") in printed
     expected = {f"lenet5_{layer}_{method}.png" for layer in ("conv1", "conv2", "conv3")
@@ -29,3 +29,15 @@ def test_demo_writes_panels_topk_and_gallery(tmp_path, capsys):
     assert [L["title"] for L in manifest["layers"]] == ["Layer 1 (conv1)", "Layer 2 (conv2)", "Layer 3 (conv3)"]
     html = (out / "index.html").read_text()
     assert html.count('class="tile"') == 3 * 6 * 9
+
+
+def test_demo_mobilenet_shows_live_channels_of_a_real_imagenet_network(tmp_path, capsys):
+    """The shipped TF-slim MobileNet v1 on the shipped photos: five panels, only channels that fire."""
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--limit", "12", "--only", "mobilenet"]) == 0
+    out = tmp_path / "demo" / "mobilenet"
+    tk = TopK.load(out / "topk.json")
+    assert list(tk.layers) == ["conv2", "conv4", "conv8", "conv12", "conv20"] and tk.n_images == 12
+    for layer in tk.layers:
+        assert len(tk.channels(layer)) == 6
+        assert all(tk[layer, c][0].value > 0 for c in tk.channels(layer))
+    assert len(list(out.glob("*_guided.png"))) == 5

@@ -75,11 +75,15 @@ def test_tile_grid_and_crops_equal_receptive_field_boxes(setup, layer):
             outside = np.ones((th, tw), bool)
             outside[oy:oy + cb - ct, ox:ox + cr - cl] = False
             assert np.all(crop[outside] == PAD)
-            # The projection tile is the same box of the projection, min-max scaled.
+            # The projection tile is the same box of the projection, scaled symmetrically
+            # around zero by the 99.5th percentile of |value| and clipped (computed here by hand).
             p = proj[tk.units(layer).index(e.unit)].permute(1, 2, 0).numpy()[ct:cb, cl:cr]
-            if p.max() > p.min():
+            a = np.sort(np.abs(p).ravel())
+            pos = 0.995 * (a.size - 1)
+            s = a[int(np.floor(pos))] + (a[int(np.ceil(pos))] - a[int(np.floor(pos))]) * (pos - np.floor(pos))
+            if s > 0:
                 np.testing.assert_allclose(pr[oy:oy + cb - ct, ox:ox + cr - cl],
-                                           (p - p.min()) / (p.max() - p.min()), atol=1e-5)
+                                           np.clip(0.5 + 0.5 * p / s, 0, 1), atol=1e-5)
 
 
 def test_box_outside_the_image_is_padded_grey():
@@ -88,8 +92,19 @@ def test_box_outside_the_image_is_padded_grey():
     assert clipped == (0, 3, 1, 5)
     np.testing.assert_array_equal(canvas[:, :, 0], [[PAD, PAD, PAD], [PAD, PAD, PAD], [3, 4, PAD]])
     assert mask.sum() == 2
-    norm = normalise_tile(canvas, mask)
-    np.testing.assert_array_equal(norm[:, :, 0], [[PAD] * 3, [PAD] * 3, [0, 1, PAD]])
+    norm = normalise_tile(canvas, mask, percentile=100)
+    np.testing.assert_array_equal(norm[:, :, 0], [[PAD] * 3, [PAD] * 3, [0.875, 1, PAD]])
+
+
+def test_display_scale_is_symmetric_and_ignores_outliers():
+    """Zero is grey; one huge pixel does not flatten the rest (it did with min-max)."""
+    tile = np.zeros((20, 20, 1), np.float32)
+    tile[:10] = 1.0
+    tile[10:] = -1.0
+    tile[0, 0] = 1000.0
+    norm = normalise_tile(tile)
+    assert norm[0, 0, 0] == 1.0 and norm[5, 5, 0] == 1.0 and norm[15, 5, 0] == 0.0
+    assert np.all(normalise_tile(np.zeros((4, 4, 3), np.float32)) == 0.5)
 
 
 def test_panel_png_title_and_size(setup, tmp_path):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._models import MODEL_HELP, add_offline_flag, load_model
+from ._models import MODEL_HELP, add_offline_flag, announce_weights, load_model_info
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -58,8 +58,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--top must be at least 1, got {args.top}")
     if args.grid < 0:
         raise ValueError(f"--grid must be 0 (full maps) or positive, got {args.grid}")
-    model_a, prep_a, id_a = load_model(args.model_a, args.weights_a, args.data)
-    model_b, prep_b, id_b = load_model(args.model_b, args.weights_b, args.data)
+    loaded = [load_model_info(spec, weights, args.data)
+              for spec, weights in ((args.model_a, args.weights_a), (args.model_b, args.weights_b))]
+    for spec, one in zip((args.model_a, args.model_b), loaded):
+        announce_weights(spec, one)  # a random model compared with a trained one says little
+    (model_a, prep_a, id_a), (model_b, prep_b, id_b) = ((m.model, m.preprocess, m.model_id) for m in loaded)
     if id_a == id_b:
         id_a, id_b = id_a + "-A", id_b + "-B"  # one model against itself: keep the two galleries apart
     data_a = open_images(args.data, prep_a, split=args.split, mode=input_mode(model_a),

@@ -14,9 +14,20 @@ writes the same files a single process would.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
+import time
 from pathlib import Path
 
-from ._models import MODEL_HELP, add_offline_flag, load_model
+import torch
+from torchvision.transforms import v2 as T
+
+from interp import dist
+from interp.data import open_images
+from interp.topk import TopK
+from interp.visualize import METHODS, prepare_out_dir, visualize
+
+from ._models import MODEL_HELP, add_offline_flag, announce_weights, load_model_info
 
 
 def parse_channels(text: str | None) -> list[int] | None:
@@ -69,9 +80,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None,
                    help="use N images spread evenly over the dataset (default: all)")
     p.add_argument("--size", type=int, default=None,
-                   help="resize + centre-crop to N pixels (only for models without their own preprocess)")
+                   help="resize + centre-crop to N pixels (only for a path/file.py:factory model that returns no "
+                        "preprocess; the others bring their own and refuse --size)")
     p.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images with a warning")
-    p.add_argument("--topk", default=None, help="reuse a saved topk.json instead of mining again")
+    p.add_argument("--topk", default=None,
+                   help="reuse a saved topk.json instead of mining again (a run that stopped after mining "
+                        "keeps OUT/topk.json: pass it here to resume)")
     p.add_argument("--web", choices=["webp", "jpg"], default=None, help="also write each panel in this format")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
     add_common(p)
@@ -94,8 +108,6 @@ def input_mode(model) -> str | None:
 
 def report_notes(result, stream=None) -> None:
     """Print each layer's notes (``result.notes``) once, one line each, on stderr."""
-    import sys
-
     err = stream or sys.stderr
     for layer, notes in result.notes.items():
         for note in notes:
@@ -104,8 +116,6 @@ def report_notes(result, stream=None) -> None:
 
 def report(result, stream=None, processes: int = 1) -> None:
     """Print where the files are and where the time went (over ``processes`` torchrun ranks)."""
-    import sys
-
     out = stream or sys.stdout
     panels = sorted({p for p in result.panels.values()})
     print(f"wrote {len(panels)} panel(s) to {result.out_dir}/", file=out)
@@ -121,37 +131,98 @@ def report(result, stream=None, processes: int = 1) -> None:
           file=out)
 
 
-def run(args: argparse.Namespace) -> int:
-    from interp import dist
-    from interp.data import open_images
-    from interp.topk import TopK
-    from interp.visualize import visualize
+def _preprocess_for_size(preprocess, size: int | None, spec: str):
+    """The preprocess with ``--size`` applied, or a clear error where ``--size`` cannot apply.
 
+    A model with its own preprocess (every built-in, torchvision: and timm:
+    model) fixes its input size there; resizing before it would be undone,
+    so ``--size`` is refused rather than silently ignored.
+    """
+    if size is None:
+        return preprocess
+    if size < 1:
+        raise ValueError(f"--size must be a positive number of pixels, got {size}")
+    if preprocess is not None:
+        raise ValueError(f"--size applies only to models without their own preprocessing; {spec} brings its own "
+                         "(it resizes every image to its input size): drop --size")
+    return T.Compose([T.ToImage(), T.Resize(size, antialias=True), T.CenterCrop(size),
+                      T.ToDtype(torch.float32, scale=True)])
+
+
+def resume_hint(out: Path) -> str:
+    """What to tell the user when a run stops after mining: the results are kept, and how to reuse them."""
+    topk = out / "topk.json"
+    return f"the mining results were kept in {topk}; resume with --topk {topk}"
+
+
+def _check_args(args: argparse.Namespace) -> Path:
+    """Every check that needs no model or data, so that a typo costs a second, not a mining pass."""
     if args.top < 1:
         raise ValueError(f"--top must be at least 1, got {args.top}")
+    if args.size is not None and args.size < 1:
+        raise ValueError(f"--size must be a positive number of pixels, got {args.size}")
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise ValueError(f"unknown --method {','.join(bad) or args.method!r}; choose from {', '.join(METHODS)}")
+    parse_channels(args.channels)
+    if args.topk and not Path(args.topk).is_file():
+        raise FileNotFoundError(f"top-k file not found: {args.topk}")
+    return prepare_out_dir(args.out)
+
+
+def run(args: argparse.Namespace) -> int:
+    created = not Path(args.out).exists()
+    out = _check_args(args)  # before any loading: fail in a second
+    started = time.time()
+    try:
+        return _run(args, out, started)
+    except BaseException:
+        if created:  # failed before writing anything (a bad --data...): leave no empty folder behind
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+
+
+def _run(args: argparse.Namespace, out: Path, started: float) -> int:
     # Under torchrun: join the process group; --device cuda becomes this
     # rank's cuda:LOCAL_RANK. Without --device stay on the CPU, as one
     # process would (the model loads there).
     want = (args.device or "cpu") if dist.launched() else args.device
     with dist.process_group(want) as device:
-        model, preprocess, model_id = load_model(args.model, args.weights, args.data)
+        loaded = load_model_info(args.model, args.weights, args.data)
+        if dist.is_main():
+            announce_weights(args.model, loaded)
+        model = loaded.model
         # Without --weights each process would draw its own random weights:
         # all ranks take rank 0's, so they run one model.
         dist.sync_module(model)
-        if preprocess is None and args.size:
-            import torch
-            from torchvision.transforms import v2 as T
-
-            preprocess = T.Compose([T.ToImage(), T.Resize(args.size, antialias=True), T.CenterCrop(args.size),
-                                    T.ToDtype(torch.float32, scale=True)])
+        preprocess = _preprocess_for_size(loaded.preprocess, args.size, args.model)
         data = open_images(args.data, preprocess, split=args.split, mode=input_mode(model),
                            skip_corrupt=args.skip_corrupt, limit=args.limit)
         topk = TopK.load(args.topk) if args.topk else None
         methods = [m.strip() for m in args.method.split(",") if m.strip()]
-        result = visualize(model, data, Path(args.out), args.layers, channels=parse_channels(args.channels),
-                           k=args.top, methods=methods, model_id=model_id, batch_size=args.batch_size,
-                           device=device, topk=topk, web=args.web, num_workers=args.workers)
+        try:
+            result = visualize(model, data, out, args.layers, channels=parse_channels(args.channels),
+                               k=args.top, methods=methods, model_id=loaded.model_id, batch_size=args.batch_size,
+                               device=device, topk=topk, web=args.web, num_workers=args.workers,
+                               weights_info=loaded.weights)
+        except BaseException as exc:
+            _tell_what_was_kept(exc, out, started, resumed=topk is not None)
+            raise
         if dist.is_main():  # one report, not one per rank
             report_notes(result)
             report(result, processes=dist.world()[1])
     return 0
+
+
+def _tell_what_was_kept(exc: BaseException, out: Path, started: float, resumed: bool) -> None:
+    """After mining, a failure or Ctrl-C keeps ``topk.json``: say so, on the error's own line.
+
+    The hint goes on ``exc`` as a note; :func:`interp.cli.main` prints it on
+    the same line as the error (or as "interrupted" for Ctrl-C).
+    """
+    topk = out / "topk.json"
+    if resumed or not dist.is_main() or not topk.is_file() or topk.stat().st_mtime < started - 1:
+        return  # nothing new was mined (or another rank reports)
+    exc.add_note(resume_hint(out))
