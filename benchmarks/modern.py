@@ -66,7 +66,7 @@ def run(images: int = 50, layers: str = "all-conv", k: int = 9, channels: int = 
             model, data, names = setups[name]
             with tempfile.TemporaryDirectory() as out:
                 t0 = time.perf_counter()
-                res = interp.visualize(model, data, out, layers=names, channels=list(range(channels)), k=k,
+                res = interp.visualize(model, data, out, layers=names, channels=None if channels == 6 else list(range(channels)), k=k,
                                        methods=methods, model_id=name, batch_size=batch_size, device=device,
                                        progress=False)
                 wall = time.perf_counter() - t0
