@@ -10,7 +10,7 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the examples write output folders into the current directory
     text = (REPO / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert len(blocks) >= 3
+    assert len(blocks) >= 1  # the guides in docs/ hold the rest (tests/docs/test_site.py)
     namespace: dict = {}
     for i, block in enumerate(blocks):
         try:
