@@ -18,6 +18,7 @@ def test_demo_writes_panels_topk_and_gallery(tmp_path, capsys):
     for name in expected:
         assert 5_000 < (out / name).stat().st_size < 600_000
     tk = TopK.load(out / "topk.json")
+    assert tk.weights["name"] == "lenet5" and tk.weights["file"].endswith("lenet5.safetensors")
     assert tk.model_id == "lenet5" and tk.n_images == 60 and tk.input_size == (32, 32)
     assert list(tk.layers) == ["conv1", "conv2", "conv3"]
     for layer, size in (("conv1", 5), ("conv2", 14), ("conv3", 32)):
@@ -41,3 +42,4 @@ def test_demo_mobilenet_shows_live_channels_of_a_real_imagenet_network(tmp_path,
         assert len(tk.channels(layer)) == 6
         assert all(tk[layer, c][0].value > 0 for c in tk.channels(layer))
     assert len(list(out.glob("*_guided.png"))) == 5
+    assert tk.weights["name"] == "pretrained:mobilenet_v1_100_tflite" and len(tk.weights["sha256"]) == 64

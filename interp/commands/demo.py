@@ -60,7 +60,7 @@ def run_lenet5(args: argparse.Namespace, out: Path):
     images = images[: _limited(len(images), args.limit)]
     data = ArrayImages(images, preprocess, mode="L", name="mnist-test")
     return visualize(model, data, out, list(LENET_LAYERS), channels=range(6), k=9, methods=LENET_METHODS,
-                     model_id="lenet5", batch_size=max(args.batch_size, 1), device=args.device, progress=False)
+                     model_id="lenet5", weights_info=adapters.weights_source("lenet5", args.weights), batch_size=max(args.batch_size, 1), device=args.device, progress=False)
 
 
 def live_channels(model, data, layers, n: int = 6, batch_size: int = 64, device=None) -> dict[str, list[int]]:
@@ -87,7 +87,7 @@ def run_mobilenet(args: argparse.Namespace, out: Path):
         data = data.subset(range(_limited(len(data), args.limit)))
     channels = live_channels(model, data, MOBILENET_LAYERS, batch_size=max(args.batch_size, 1), device=args.device)
     return visualize(model, data, out, list(MOBILENET_LAYERS), channels=channels, k=9, methods=("guided",),
-                     model_id="mobilenet_v1_imagenet", batch_size=max(args.batch_size, 1), device=args.device,
+                     model_id="mobilenet_v1_imagenet", weights_info=adapters.weights_source(MOBILENET), batch_size=max(args.batch_size, 1), device=args.device,
                      progress=False)
 
 
