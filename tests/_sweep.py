@@ -208,18 +208,23 @@ class _Stop(Exception):
     pass
 
 
-def conv_order(model: nn.Module, x: torch.Tensor) -> list[str]:
-    """Conv2d module names in the order of their first call."""
-    names = {m: n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-    order: list[str] = []
-    handles = [m.register_forward_hook(lambda m, i, o: order.append(names[m]) if names[m] not in order else None)
-               for m in names]
+def run_hooked(model: nn.Module, x: torch.Tensor, handles: list) -> None:
+    """One no-grad forward of ``model`` on ``x``, then remove the hook ``handles`` (also on error)."""
     try:
         with torch.no_grad():
             model(x)
     finally:
         for h in handles:
             h.remove()
+
+
+def conv_order(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """Conv2d module names in the order of their first call."""
+    names = {m: n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    order: list[str] = []
+    handles = [m.register_forward_hook(lambda m, i, o: order.append(names[m]) if names[m] not in order else None)
+               for m in names]
+    run_hooked(model, x, handles)
     return order
 
 
@@ -318,12 +323,7 @@ def pick_block(model: nn.Module, conv: str, x: torch.Tensor) -> str | None:
         return hook
 
     handles = [mods[n].register_forward_hook(make(n)) for n in candidates + others + [conv]]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, x, handles)
     for n in candidates:
         if n in four_d:
             return n

@@ -19,6 +19,7 @@ from torchvision.models.squeezenet import Fire
 
 import interp
 import interp.rf
+from _sweep import run_hooked
 from interp.cli import main
 from interp.layers import block_layers, layer_kind
 from interp.mine import resolve_layers
@@ -54,12 +55,7 @@ def _hooked(model: nn.Module, modules: dict[str, nn.Module], x: torch.Tensor) ->
         return hook
 
     handles = [m.register_forward_hook(keep(n)) for n, m in modules.items()]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, x, handles)
     return got
 
 
