@@ -294,7 +294,7 @@ def test_load_random_and_bad_weights(tmp_path):
     assert not model.training and pre is L.preprocess
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(ValueError, match="cannot read checkpoint"):
+    with pytest.raises(ValueError, match="is not a PyTorch checkpoint"):
         L.load(weights=bad)
     with pytest.raises(ValueError, match="shipped LeNet-5 weights"):
         L.load(c3_table=True)

@@ -52,7 +52,7 @@ def test_recipe_optimizer_lowers_the_loss_and_checkpoint_reloads(name, data_root
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     bad = tmp_path / "broken.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="cannot read checkpoint"):
+    with pytest.raises(ValueError, match="is not a PyTorch checkpoint"):
         adapters.load("resnet18", weights=str(bad))
 
 
