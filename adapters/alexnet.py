@@ -70,7 +70,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from .imagenette import DatasetStats
+    from .datasets.imagenette import DatasetStats
 
 __all__ = ["AlexNet", "load", "NUM_PARAMETERS"]
 
@@ -166,7 +166,7 @@ def load(
         :func:`adapters.recipes.eval_preprocess`).
     stats:
         Dataset statistics for the preprocess; default: the cached Imagenette
-        training statistics (:func:`adapters.imagenette.dataset_stats`).
+        training statistics (:func:`adapters.datasets.imagenette.dataset_stats`).
     **kwargs:
         Passed to :class:`AlexNet` (``dropout``).
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Callable
 
 import torch
 from safetensors.torch import load_file
@@ -77,15 +77,35 @@ def load_into(model: torch.nn.Module, weights: str | os.PathLike, name: str,
         raise ValueError(f"{weights} does not fit {name}: {detail}") from exc
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename.
+def write_atomic(path: str | os.PathLike, data: bytes | str | Callable[[IO[bytes]], None]) -> Path:
+    """Write a file so that no reader ever sees it half-written; returns the path.
 
-    A crash mid-write never leaves a truncated checkpoint under ``path``.
+    ``data`` is bytes, text (written as UTF-8) or a function that writes to
+    the open binary file. It goes to a hidden temporary file in the target
+    folder, renamed over ``path`` once complete and deleted on any error
+    (Ctrl-C included). The file gets the usual permissions (0666 less the umask).
     """
-    from interp._io import atomic_writer
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    mask = os.umask(0)
+    os.umask(mask)
+    try:
+        with open(tmp, "wb") as fh:
+            if callable(data):
+                data(fh)
+            else:
+                fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.chmod(tmp, 0o666 & ~mask)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
-    with atomic_writer(path, "wb") as fh:
-        torch.save(obj, fh)
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` through :func:`write_atomic`: a crash never leaves a truncated checkpoint."""
+    write_atomic(path, lambda fh: torch.save(obj, fh))
 
 
 def load_checkpoint(path: str | os.PathLike, required: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -21,7 +21,7 @@ trainer :func:`adapters.training.fit`, so it has ``train``'s conventions:
 and DistributedDataParallel under ``torchrun``.
 
 Under ``torchrun`` :func:`backbone_features` splits the images over the
-processes (contiguous blocks, :func:`interp.dist.shard`) and gathers the
+processes (contiguous blocks, :func:`interp.parallel.shard`) and gathers the
 features in order, so every rank holds what one process would compute.
 """
 from __future__ import annotations
@@ -35,9 +35,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from interp import dist
+from interp import parallel as dist
 
-from .imagenette import Imagenette, default_cache_dir
+from .datasets.imagenette import Imagenette, default_cache_dir
 
 __all__ = [
     "last_linear", "backbone_features", "train_head", "zero_shot", "replace_head", "full_setup", "new_head",
@@ -97,7 +97,7 @@ def backbone_features(
     model:
         Model in eval mode; its last ``nn.Linear`` is the classifier.
     data:
-        ``(image, label)`` pairs, e.g. an :class:`adapters.imagenette.Imagenette`
+        ``(image, label)`` pairs, e.g. an :class:`adapters.datasets.imagenette.Imagenette`
         with the model's preprocess as transform.
     cache:
         Folder for the cache file (default ``<cnn-internals cache>/features``);
@@ -122,7 +122,7 @@ def backbone_features(
     from safetensors.torch import load_file, save
     from tqdm.auto import tqdm
 
-    from interp._io import write_atomic
+    from .checkpoint import write_atomic
 
     folder = Path(cache) if cache is not None else default_cache_dir() / "features"
     file = folder / f"{key}.safetensors" if key else None

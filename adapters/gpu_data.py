@@ -7,7 +7,7 @@ epoch decoding JPEGs. This module removes that cost:
    DataLoader worker processes) into a ``uint8`` tensor ``N x 3 x C x C``
    (``C`` = the cache size, e.g. 160) plus the labels and each image's
    original height and width. Each image is *squashed* to ``C x C`` (PIL
-   bilinear, as :func:`adapters.imagenette.compute_stats` measures), so no
+   bilinear, as :func:`adapters.datasets.imagenette.compute_stats` measures), so no
    content is cut off; because a squash is a separable linear rescaling,
    normalised coordinates in ``[-1, 1]`` are the same in the original image
    and in its stored square, and crops are computed in the original image's
@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .imagenette import DatasetStats
+from .datasets.imagenette import DatasetStats
 
 __all__ = [
     "CACHE_FORMAT",
@@ -112,10 +112,10 @@ class _Decode(Dataset):
         import numpy as np
         from PIL import Image
 
-        from .imagenette import _rgb_loader
+        from .datasets.imagenette import load_rgb
 
         path, label = self.samples[i]
-        img = _rgb_loader(path)
+        img = load_rgb(path)
         w, h = img.size
         if img.size != (self.size, self.size):
             # PIL bilinear shrinks with antialiasing, as compute_stats does.
@@ -131,7 +131,7 @@ def decode_uint8(samples: Sequence[tuple[str, int]], size: int, workers: int = 0
     Parameters
     ----------
     samples:
-        ``(path, label)`` pairs, e.g. :attr:`adapters.imagenette.Imagenette.samples`.
+        ``(path, label)`` pairs, e.g. :attr:`adapters.datasets.imagenette.Imagenette.samples`.
     size:
         Side ``C`` of the stored squares.
     workers:
@@ -180,7 +180,7 @@ def load_or_decode(train_set: Any, val_set: Any, size: int, path: str | os.PathL
     Parameters
     ----------
     train_set, val_set:
-        :class:`adapters.imagenette.Imagenette` datasets (their ``samples`` and
+        :class:`adapters.datasets.imagenette.Imagenette` datasets (their ``samples`` and
         ``fingerprint()`` are used; their transforms are not).
     size:
         Cache side ``C``.
@@ -551,7 +551,7 @@ class DeviceImagenette:
 
     def val_batches(self, batch_size: int, rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The validation split in order, centre-cropped and normalised (rank ``rank``'s block of it when ``world > 1``)."""
-        from interp.dist import shard
+        from interp.parallel import shard
 
         block = shard(len(self.val), rank, world)
         n = block.stop

@@ -90,7 +90,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from .imagenette import DatasetStats
+    from .datasets.imagenette import DatasetStats
 
 __all__ = [
     "Inception",
@@ -343,7 +343,7 @@ def load(
         Where Imagenette is, for the mean/std of the preprocess.
     stats:
         Dataset statistics for the preprocess; default: the cached Imagenette
-        training statistics (:func:`adapters.imagenette.dataset_stats`).
+        training statistics (:func:`adapters.datasets.imagenette.dataset_stats`).
     **kwargs:
         Passed to :class:`InceptionNet` (``dropout``), except
         ``torchvision_pools=True``, which applies :func:`use_torchvision_pools`,

@@ -719,7 +719,7 @@ def training_setup(
     """
     from torch.utils.data import TensorDataset
 
-    from .data import mnist
+    from .datasets import mnist
     from .training import TrainSpec
 
     def tensors(train: bool) -> TensorDataset:

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from .imagenette import DatasetStats
+    from .datasets.imagenette import DatasetStats
 
 __all__ = ["MobileNetV1", "load", "NUM_PARAMETERS", "BLOCKS", "is_depthwise"]
 
@@ -151,7 +151,7 @@ def load(
         Where Imagenette is, for the mean/std of the preprocess.
     stats:
         Dataset statistics for the preprocess; default: the cached Imagenette
-        training statistics (:func:`adapters.imagenette.dataset_stats`).
+        training statistics (:func:`adapters.datasets.imagenette.dataset_stats`).
     **kwargs:
         Passed to :class:`MobileNetV1` (none at present).
 

@@ -9,7 +9,7 @@ functions that build its train/val transforms. Its factories are generic:
   per epoch) and returns an :class:`EpochScheduler`,
 * :attr:`Recipe.scheduler_metric` is ``"val_top1"`` for schedulers driven by
   validation accuracy (``ReduceLROnPlateau``), else ``None``,
-* :meth:`Recipe.make_transforms` takes :class:`~adapters.imagenette.DatasetStats`
+* :meth:`Recipe.make_transforms` takes :class:`~adapters.datasets.imagenette.DatasetStats`
   and the image size.
 
 It is shaped to plug into :func:`adapters.training.fit` (``name``, ``epochs``,
@@ -64,7 +64,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from .imagenette import DatasetStats
+from .datasets.imagenette import DatasetStats
 
 __all__ = [
     "Recipe",
@@ -556,8 +556,8 @@ def eval_preprocess(
     """The evaluation transform of model ``name`` (PIL image or uint8 tensor -> float ``3xSxS``).
 
     ``stats`` defaults to the cached Imagenette training statistics
-    (:func:`adapters.imagenette.dataset_stats`, computed on first use), or to
-    ImageNet's (:func:`adapters.imagenette.fallback_stats`, with a warning)
+    (:func:`adapters.datasets.imagenette.dataset_stats`, computed on first use), or to
+    ImageNet's (:func:`adapters.datasets.imagenette.fallback_stats`, with a warning)
     when Imagenette is not on disk.
     """
     recipe = get_recipe(name)
@@ -604,7 +604,7 @@ def training_setup(
     name:
         ``"alexnet"``, ``"vgg16"``, ``"inception"``, ``"resnet18"`` or ``"mobilenet"``.
     data_root:
-        Imagenette root (see :class:`adapters.imagenette.Imagenette`).
+        Imagenette root (see :class:`adapters.datasets.imagenette.Imagenette`).
     limit:
         Use only this many training and this many validation images (stratified).
     fast:
@@ -614,7 +614,7 @@ def training_setup(
         Train and evaluate at this side (default 224); the resize lengths scale
         with it. AlexNet only takes 224 (its ``lin1`` is fixed at 256x6x6).
     stats:
-        Dataset statistics; default :func:`adapters.imagenette.dataset_stats`
+        Dataset statistics; default :func:`adapters.datasets.imagenette.dataset_stats`
         over the full training split (computed once, then cached).
     crop_scale:
         Replace the recipe's training crop by RandomResizedCrop with area
@@ -622,7 +622,7 @@ def training_setup(
         deviation from the recipe, recorded in the run's ``extra``. Not for
         AlexNet (its crops are tied to the mean image).
     """
-    from .imagenette import Imagenette, dataset_stats
+    from .datasets.imagenette import Imagenette, dataset_stats
     from .training import TrainSpec
 
     recipe = get_recipe(name)

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from .imagenette import DatasetStats
+    from .datasets.imagenette import DatasetStats
 
 __all__ = ["ResNet18", "load", "from_torchvision_state_dict", "NUM_PARAMETERS", "BLOCKS", "TORCHVISION_NAMES"]
 
@@ -183,7 +183,7 @@ def load(
         Where Imagenette is, for the mean/std of the preprocess.
     stats:
         Dataset statistics for the preprocess; default: the cached Imagenette
-        training statistics (:func:`adapters.imagenette.dataset_stats`).
+        training statistics (:func:`adapters.datasets.imagenette.dataset_stats`).
     **kwargs:
         Passed to :class:`ResNet18` (none at present).
 

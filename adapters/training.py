@@ -46,7 +46,7 @@ the worker (the workers persist across epochs, so their own RNG streams
 would otherwise depend on the run's history); device-side batches draw
 their augmentation from a generator seeded with ``(seed, epoch)``.
 
-Distributed data parallel (``torchrun``): when :func:`interp.dist.init_from_env`
+Distributed data parallel (``torchrun``): when :func:`interp.parallel.init_from_env`
 has joined a process group of more than one process, :func:`fit` trains a
 :class:`~torch.nn.parallel.DistributedDataParallel` replica per process
 (Gloo on CPUs, NCCL on GPUs), optionally with ``SyncBatchNorm`` (CUDA only:
@@ -67,7 +67,7 @@ torch's implementation rejects CPU tensors).
 * BatchNorm statistics are per rank (per-rank batch) unless ``sync_bn``; at
   every epoch end all ranks take rank 0's BatchNorm buffers, so every rank
   holds exactly the model rank 0 saves.
-* Validation is sharded (:func:`interp.dist.shard`) and the counts summed
+* Validation is sharded (:func:`interp.parallel.shard`) and the counts summed
   over the ranks: the same numbers as in one process.
 * Rank 0 alone shows progress bars, logs, and writes ``last.pt``, ``best.pt``
   and ``log.json``; the other ranks wait at a barrier after each write, so no
@@ -99,7 +99,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from interp import dist
+from interp import parallel as dist
 
 from .checkpoint import atomic_save, load_checkpoint
 
@@ -334,7 +334,7 @@ def rank_blocks(n: int, batch_size: int, rank: int, world: int) -> list[tuple[in
     The order of ``n`` items is cut into global batches of ``batch_size``
     exactly as in one process (the last one may be smaller); a global batch of
     ``m`` items is split into ``world`` contiguous blocks whose sizes differ
-    by at most one (:func:`interp.dist.shard`). A global batch with fewer
+    by at most one (:func:`interp.parallel.shard`). A global batch with fewer
     items than ranks is left out, since every rank must take part in every
     DDP step; only the last batch can be that small.
 
@@ -517,7 +517,7 @@ def evaluate(
         batches) used instead of a fresh loader over ``dataset``.
     distributed:
         Under a process group: evaluate only this rank's block of
-        ``dataset`` (:func:`interp.dist.shard`; ``batches``, if given, must
+        ``dataset`` (:func:`interp.parallel.shard`; ``batches``, if given, must
         already be this rank's part) and sum the counts over the ranks, so
         every rank returns the whole set's numbers. Pass the unwrapped
         module, not the DDP wrapper: ranks may run different numbers of
@@ -575,7 +575,7 @@ def evaluate(
 
 def _write_json(obj: Any, path: Path) -> None:
     """Write JSON atomically (temporary file + rename)."""
-    from interp._io import write_atomic
+    from .checkpoint import write_atomic
 
     write_atomic(path, json.dumps(obj, indent=2) + "\n")
 
@@ -657,7 +657,7 @@ def fit(
 ) -> dict[str, Any]:
     """Train ``spec.model`` for ``spec.recipe.epochs`` epochs, checkpointing every epoch.
 
-    Runs alone or, after :func:`interp.dist.init_from_env` under ``torchrun``,
+    Runs alone or, after :func:`interp.parallel.init_from_env` under ``torchrun``,
     as one rank of a DistributedDataParallel run (module docstring).
 
     Parameters
@@ -668,7 +668,7 @@ def fit(
         Folder for ``last.pt``, ``best.pt`` and ``log.json``.
     device:
         ``"cpu"``, ``"cuda"`` or a ``torch.device`` (under torchrun the one
-        :func:`interp.dist.init_from_env` returned, ``cuda:LOCAL_RANK``).
+        :func:`interp.parallel.init_from_env` returned, ``cuda:LOCAL_RANK``).
     workers:
         DataLoader worker processes (0 = load in the main process), per rank.
     seed:
@@ -691,7 +691,7 @@ def fit(
         and ``describe()``, e.g. :class:`adapters.gpu_data.DeviceImagenette`.
         Under DDP both batch methods also take ``rank=`` and ``world=`` and
         yield only this rank's part (:func:`rank_blocks` for training,
-        :func:`interp.dist.shard` of the validation set).
+        :func:`interp.parallel.shard` of the validation set).
     sync_bn:
         Under DDP, convert BatchNorm layers to ``SyncBatchNorm`` (batch
         statistics over the global batch; CUDA only). The model is handed

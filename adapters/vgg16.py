@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from .imagenette import DatasetStats
+    from .datasets.imagenette import DatasetStats
 
 __all__ = ["VGG16", "load", "NUM_PARAMETERS", "CONV_CHANNELS", "from_torchvision_state_dict"]
 
@@ -176,7 +176,7 @@ def load(
         Where Imagenette is, for the mean/std of the preprocess.
     stats:
         Dataset statistics for the preprocess; default: the cached Imagenette
-        training statistics (:func:`adapters.imagenette.dataset_stats`).
+        training statistics (:func:`adapters.datasets.imagenette.dataset_stats`).
     **kwargs:
         Passed to :class:`VGG16` (``dropout``).
 

@@ -78,8 +78,8 @@ def per_layer_passes(model: nn.Module, images: torch.Tensor, layers: list[str], 
 
 def no_grad_forward(model: nn.Module, images: torch.Tensor, batch_size: int, channels_last: bool = False) -> None:
     """A plain inference pass over ``images`` (optionally ``channels_last``): the cost floor of any mining."""
-    from interp._state import as_channels_last
-    from interp._state import channels_last as cl_weights
+    from interp._utils import as_channels_last
+    from interp._utils import channels_last as cl_weights
 
     with torch.no_grad(), cl_weights(model, channels_last):
         for s in range(0, len(images), batch_size):

@@ -28,7 +28,7 @@ __version__ = "0.1.0"
 # Top-k mining, panels and the visualize pipeline (issue 4).
 from .topk import TopK
 from .mine import mine
-from .panels import panel, panel_tiles
-from .visualize import visualize
+from .draw.panels import panel, panel_tiles
+from .draw.visualize import visualize
 
 __all__ += ["mine", "TopK", "panel", "panel_tiles", "visualize"]

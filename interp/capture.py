@@ -21,7 +21,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import fx, nn
 
-from ._state import HookSet, StopForward
+from ._utils import HookSet, StopForward
 from ._trace import trace
 from .layers import resolve_layer
 

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         # Under torchrun an error every rank raised together is printed by rank 0 alone.
-        from interp.dist import told_everyone
+        from interp.parallel import told_everyone
 
         if not (told_everyone(exc) and os.environ.get("RANK", "0") != "0"):
             print(error_line(args.command, exc), file=sys.stderr)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._state import HookSet, StopForward, model_device, preserved
+from ._utils import HookSet, StopForward, model_device, preserved
 from ._trace import try_trace
 
 __all__ = ["LayerRef", "layers", "conv_layers", "block_layers", "children_layers", "layer_kind", "resolve_layer"]

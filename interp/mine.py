@@ -16,9 +16,9 @@ from typing import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from . import dist
-from ._state import as_channels_last, preserved
-from ._state import channels_last as _channels_last
+from . import parallel as dist
+from ._utils import as_channels_last, preserved
+from ._utils import channels_last as _channels_last
 from .capture import LayerTaps
 from .layers import block_layers, children_layers, conv_layers, layer_kind, resolve_layer
 from .layer_fields import collected_notes, layer_fields
@@ -368,7 +368,7 @@ def mine(
     field's ``notes``), once per layer; each of those warnings is also
     raised once (on rank 0 under torchrun).
 
-    Distributed (under ``torchrun``, see :mod:`interp.dist`): each rank mines
+    Distributed (under ``torchrun``, see :mod:`interp.parallel`): each rank mines
     a contiguous block of whole batches (the batches one process would form;
     nothing padded or repeated), the per-rank top-k are gathered and merged
     under the same order, and every rank returns the same :class:`TopK`,
@@ -471,7 +471,7 @@ def _shard(model: nn.Module, data, batch_size: int, distributed: bool | None) ->
     spread = dist.active() if distributed is None else bool(distributed)
     if spread and not dist.active():
         raise ValueError("distributed=True needs an initialised torch.distributed process group with more than "
-                         "one process: start the script with torchrun (see interp.dist.init_from_env)")
+                         "one process: start the script with torchrun (see interp.parallel.init_from_env)")
     try:
         total = len(data)
     except TypeError:

@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ._state import HookSet, StopForward, model_device, preserved
+from ._utils import HookSet, StopForward, model_device, preserved
 from ._trace import trace
 from .layers import LayerRef, resolve_layer
 from .rf import receptive_field

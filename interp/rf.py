@@ -43,7 +43,7 @@ import torch
 from torch import fx, nn
 
 from . import rf_axes as ra
-from ._state import model_device, preserved
+from ._utils import model_device, preserved
 from ._trace import Traced, try_trace
 from .layers import resolve_layer
 from .notices import GlobalContextWarning, MeasuredFieldWarning

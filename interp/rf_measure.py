@@ -32,7 +32,7 @@ from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 
 from . import rf_axes as ra
-from ._state import model_device
+from ._utils import model_device
 
 __all__ = ["Target", "Measured", "positive_twin", "PositiveMode", "measure"]
 

@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from ._io import write_atomic  # re-exported: panels/visualize import it from here
+from ._utils import write_atomic
 
-__all__ = ["Entry", "LayerInfo", "TopK", "write_atomic"]
+__all__ = ["Entry", "LayerInfo", "TopK"]
 
 FORMAT = "cnn-internals.topk/1"
 

@@ -204,7 +204,7 @@ def _takes_data_root(spec: str) -> bool:
 
 def _has_imagenette_train(data: str | os.PathLike) -> bool:
     """Whether ``data`` holds an Imagenette train split (else the adapter's default location is used)."""
-    from adapters.imagenette import find_split_dir
+    from adapters.datasets.imagenette import find_split_dir
 
     try:
         find_split_dir(data, "train")

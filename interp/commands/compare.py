@@ -49,7 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from interp.compare import compare
+    from interp.draw.compare import compare
     from interp.data import open_images
 
     from .visualize import input_mode, parse_channels, report_notes

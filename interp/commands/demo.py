@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 
 import adapters
-from adapters.data import NATURAL_IMAGES, mnist_sample
+from adapters.datasets import NATURAL_IMAGES, mnist_sample
 
 from interp.data import ArrayImages, open_images
 from interp.layers import resolve_layer
 from interp.mine import mine
-from interp.visualize import visualize
+from interp.draw.visualize import visualize
 
 from .visualize import add_common, report, report_notes
 
@@ -54,7 +54,7 @@ def _limited(n: int, limit: int | None) -> int:
 
 
 def run_lenet5(args: argparse.Namespace, out: Path):
-    """LeNet-5 on the shipped MNIST digits; returns the :class:`~interp.visualize.VisualizeResult`."""
+    """LeNet-5 on the shipped MNIST digits; returns the :class:`~interp.draw.visualize.VisualizeResult`."""
     model, preprocess = adapters.load("lenet5", weights=args.weights)
     images = mnist_sample().data.numpy()
     images = images[: _limited(len(images), args.limit)]

@@ -103,7 +103,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Fine-tune ``args.model`` on Imagenette, alone or as one ``torchrun`` process; returns 0."""
-    from interp import dist
+    from interp import parallel as dist
 
     _check_args(args)
     with dist.process_group(args.device) as device:
@@ -114,7 +114,7 @@ def _write_outputs(model, report: dict, out: Path, model_id: str) -> Path:
     """The model's weights (safetensors) and ``finetune.json``, each written atomically."""
     from safetensors.torch import save
 
-    from interp._io import write_atomic
+    from interp._utils import write_atomic
 
     weights_path = out / f"{model_id}.safetensors"
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -128,7 +128,7 @@ def _run(args: argparse.Namespace, device) -> int:
     import torch
 
     from adapters import finetune as ft
-    from interp import dist
+    from interp import parallel as dist
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -152,7 +152,7 @@ def _run(args: argparse.Namespace, device) -> int:
             head = _probe(args, model, model_id, train, val, device, report)
             if head is not None:
                 _print_probe(report)
-                from interp._io import write_atomic
+                from interp._utils import write_atomic
 
                 # Kept beside the checkpoints: a resumed session skips the probe but reports it.
                 write_atomic(probe_file, json.dumps(report, indent=1) + "\n")
@@ -175,7 +175,7 @@ def _probe(args: argparse.Namespace, model, model_id: str, train, val, device, r
     import torch
 
     from adapters import finetune as ft
-    from interp import dist
+    from interp import parallel as dist
 
     def feats(data, split):
         key = None if args.no_cache else ft._cache_key(model_id, args.weights, data)
@@ -222,7 +222,7 @@ def _full(args, device, model, model_id: str, train, val, out: Path, report: dic
     """``--full``: every weight trained by :func:`adapters.training.fit`; outputs when the run is complete."""
     from adapters import finetune as ft
     from adapters.training import fit
-    from interp import dist
+    from interp import parallel as dist
 
     say = print if dist.is_main() else (lambda *_a, **_k: None)
     lr = 1e-4 if args.lr is None else args.lr

@@ -17,7 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from interp.gallery import load_manifest, write_gallery
+    from interp.draw.gallery import load_manifest, write_gallery
 
     path = write_gallery(args.dir)
     manifest = load_manifest(args.dir)

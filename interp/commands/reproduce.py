@@ -276,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
         results = collect_results(out, models, twins, family)
         results["wall_seconds"] = round(time.monotonic() - t0, 1)
         results["jobs"] = {j.name: {"status": j.status, "seconds": round(j.seconds, 1)} for j in jobs}
-        from interp._io import write_atomic
+        from interp._utils import write_atomic
 
         write_atomic(out / "results.json", json.dumps(results, indent=1) + "\n")
         table = results_markdown(results)
@@ -292,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
 def _prepare_cache(args, out: Path, data: str, workers: int, say) -> Path:
     """Decode the images once into the uint8 cache the training jobs read (skipped when it is there)."""
     from adapters import gpu_data
-    from adapters.imagenette import Imagenette, dataset_stats
+    from adapters.datasets.imagenette import Imagenette, dataset_stats
 
     t = time.monotonic()
     dataset_stats(data)  # computed (or read) once here, not by five jobs at once

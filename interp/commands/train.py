@@ -111,7 +111,7 @@ def _setup(name: str):
 
 def run(args: argparse.Namespace) -> int:
     """Train ``args.model``, alone or as one ``torchrun`` process; returns 0 on success."""
-    from interp import dist
+    from interp import parallel as dist
 
     _check_args(args)
     with dist.process_group(args.device) as device:
@@ -149,7 +149,7 @@ def _train(args: argparse.Namespace, device) -> int:
     import torch
 
     from adapters.training import fit, seed_everything
-    from interp import dist
+    from interp import parallel as dist
 
     setup = _setup(args.model)
     rank, world = dist.world()
@@ -215,7 +215,7 @@ def _train(args: argparse.Namespace, device) -> int:
 
 def _rank0_first(make):
     """``make()`` on rank 0, then on the other ranks (after a barrier): rank 0 fills any file cache first."""
-    from interp import dist
+    from interp import parallel as dist
 
     result = make() if dist.is_main() else None
     dist.barrier()
@@ -230,10 +230,10 @@ def _device_batches(args: argparse.Namespace, spec, out: Path, device=None):
     writes the cache file first, the others then read it (or, with
     ``--cache-file none`` or no shared file system, decode it themselves).
     """
-    from interp import dist
+    from interp import parallel as dist
 
     from adapters import gpu_data
-    from adapters.imagenette import dataset_stats
+    from adapters.datasets.imagenette import dataset_stats
     from adapters.recipes import get_recipe
 
     size = int(args.cache_uint8)
@@ -281,7 +281,7 @@ def _export(args: argparse.Namespace, spec, history: list[dict[str, Any]], out: 
     import torch
     from safetensors.torch import save
 
-    from interp._io import write_atomic
+    from interp._utils import write_atomic
 
     weights = out / f"{args.model}.safetensors"
     state = {k: v.detach().cpu().contiguous() for k, v in spec.model.state_dict().items()}

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from torchvision.transforms import v2 as T
 
-from interp import dist
+from interp import parallel as dist
 from interp.data import open_images
 from interp.topk import TopK
-from interp.visualize import METHODS, prepare_out_dir, visualize
+from interp.draw.visualize import METHODS, prepare_out_dir, visualize
 
 from ._models import MODEL_HELP, add_offline_flag, announce_weights, load_model_info
 

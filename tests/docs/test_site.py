@@ -2,7 +2,7 @@
 
 * ``mkdocs build --strict`` (warnings are errors), into a temporary folder;
 * every ```python block of every page runs, page by page in one namespace, in order
-  (the README's own blocks are run by ``tests/test_readme.py``);
+  (the README's own blocks are run by ``tests/docs/test_readme.py``);
 * every ``cnn-internals`` command line in a ```bash block parses with the real
   command-line parser (those need data, GPUs or minutes, so they are parsed, not run);
 * headless Chromium opens every built page from ``file://`` and finds no image that
@@ -27,7 +27,7 @@ from interp.cli import build_parser
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs"
 sys.path.insert(0, str(REPO / "tests"))  # also when run as a script
-from test_gallery import CHROMIUM_FLAGS, chromium  # noqa: E402
+from _chromium import CHROMIUM_FLAGS, chromium  # noqa: E402
 
 PAGES = sorted(DOCS.rglob("*.md"))
 

@@ -11,7 +11,7 @@ import pytest
 
 from interp.commands import reproduce as rp
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import REPO as ROOT  # noqa: E402
 
 
 def _job(tmp_path: Path, name: str, code: str, done: bool = True) -> rp.Job:

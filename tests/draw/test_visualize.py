@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from interp.data import open_images
 from interp.topk import TopK
 
 # Same rule as tests/conftest.py: ../shared/data unless CNN_INTERNALS_DATA says otherwise.
-DATA = Path(os.environ.get("CNN_INTERNALS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+from conftest import DATA_ROOT as DATA  # noqa: E402
 IMAGENETTE_VAL = DATA / "imagenette2-160" / "val"
 
 

@@ -92,7 +92,7 @@ def test_cli_takes_training_statistics_from_data(data_root, tmp_path, monkeypatc
     # the command's --data, not fall back to ImageNet's mean/std.
     import warnings
 
-    from adapters.imagenette import dataset_stats
+    from adapters.datasets.imagenette import dataset_stats
     from interp.commands._models import load_model
 
     monkeypatch.chdir(tmp_path)

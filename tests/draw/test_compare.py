@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from interp.cka import center_gram, cka_matrix, gram_linear, linear_cka
+from interp.draw.cka import center_gram, cka_matrix, gram_linear, linear_cka
 
 
 def test_cka_one_dimensional_by_hand():
@@ -61,7 +61,7 @@ def _small_cnn() -> nn.Module:
 
 
 def test_model_against_itself_has_unit_diagonal():
-    from interp.compare import layer_grams
+    from interp.draw.compare import layer_grams
     from interp.mine import resolve_layers
 
     model = _small_cnn()

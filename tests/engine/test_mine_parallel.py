@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 import interp
-from interp import dist
+from interp import parallel as dist
 
 from _ranks import free_port, loopback_env, spawn_ranks
 from interp.data import ArrayImages

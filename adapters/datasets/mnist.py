@@ -21,10 +21,10 @@ __all__ = ["DEFAULT_DATA_ROOT", "MNIST_SAMPLE", "NATURAL_IMAGES", "mnist", "mnis
 DEFAULT_DATA_ROOT: Path = Path(os.environ.get("CNN_INTERNALS_DATA") or "../shared/data").resolve()
 
 # The first 1,000 MNIST test images and labels (see adapters/data/README.md).
-MNIST_SAMPLE: Path = Path(__file__).with_name("data") / "mnist_test_1000.npz"
+MNIST_SAMPLE: Path = Path(__file__).resolve().parents[1] / "data" / "mnist_test_1000.npz"
 #: 86 natural images shipped in the package (6 scikit-image samples + 80 Imagenette val photos;
 #: sources and licences in its README.md), for the demo's ImageNet network.
-NATURAL_IMAGES: Path = Path(__file__).with_name("data") / "natural"
+NATURAL_IMAGES: Path = Path(__file__).resolve().parents[1] / "data" / "natural"
 
 _MNIST_FILES = {
     True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from adapters.data import NATURAL_IMAGES
-from test_gallery import load_in_chromium
+from adapters.datasets import NATURAL_IMAGES
+from _chromium import load_in_chromium
 
 
 def test_visualize_a_timm_model_on_a_folder_then_open_the_gallery(tmp_path):

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .topk import Entry, TopK, write_atomic
+from .._utils import write_atomic
+from ..topk import Entry, TopK
 
 __all__ = ["PanelTiles", "panel_tiles", "render_panel", "panel", "crop_tile", "normalise_tile", "METHOD_NAMES",
            "encode_figure", "font", "layer_title", "CLIP_PERCENTILE"]

@@ -25,13 +25,13 @@ from torch.utils.data import TensorDataset
 
 from adapters import finetune as ft
 from adapters import gpu_data as G
-from adapters.imagenette import fallback_stats
+from adapters.datasets.imagenette import fallback_stats
 from adapters.training import Recipe, TrainSpec, fit, rank_blocks
-from interp import dist
+from interp import parallel as dist
 
 from _ranks import free_port, spawn_ranks
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO  # noqa: E402
 SPAWN_TIMEOUT_S = 240  # a hung collective fails the test instead of hanging it
 
 

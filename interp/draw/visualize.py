@@ -38,12 +38,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import dist
-from .data import IndexedImages
-from .mine import collected_notes, eval_mode, first_image, mine, on_device, resolve_layers
+from .. import parallel as dist
+from ..data import IndexedImages
+from ..mine import collected_notes, eval_mode, first_image, mine, on_device, resolve_layers
 from .gallery import encode_tile
 from .panels import encode_figure, panel_tiles, render_panel
-from .topk import TopK, write_atomic
+from .._utils import write_atomic
+from ..topk import TopK
 
 __all__ = ["visualize", "VisualizeResult", "METHODS", "slug", "prepare_out_dir"]
 
@@ -186,7 +187,7 @@ def visualize(
     on the gallery page; under torchrun each job's notes travel to rank 0
     with its files.
     """
-    from .data import TensorImages
+    from ..data import TensorImages
 
     if isinstance(data, torch.Tensor):
         data = TensorImages(data)
@@ -198,7 +199,7 @@ def visualize(
     spread = dist.active() if distributed is None else bool(distributed)
     if spread and not dist.active():
         raise ValueError("distributed=True needs an initialised torch.distributed process group with more than "
-                         "one process: start the script with torchrun (see interp.dist.init_from_env)")
+                         "one process: start the script with torchrun (see interp.parallel.init_from_env)")
 
     t_start = time.perf_counter()
     methods = list(dict.fromkeys(methods))
@@ -454,7 +455,7 @@ def _draw_threads() -> int:
 def _project_job(model: nn.Module, xs: torch.Tensor, name: str, units, method: str,
                  project_batch_size: int | None) -> torch.Tensor:
     """One layer's units projected with one method, on the CPU (ready for drawing)."""
-    from .project import project
+    from ..project import project
 
     return project(model, xs, name, units, method=method, batch_size=project_batch_size).cpu()
 

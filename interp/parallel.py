@@ -221,7 +221,7 @@ def check_same_module(module: torch.nn.Module, what: str = "model") -> None:
         err = ValueError(
             f"rank(s) {', '.join(map(str, differ))} hold a {what} with other weights than rank 0 (a random "
             "initialisation differs per process); load the same weights on every rank (--weights or a pretrained "
-            "model), or call interp.dist.sync_module(model) after building it"
+            "model), or call interp.parallel.sync_module(model) after building it"
         )
         err._cnn_internals_collective = True
         raise err

@@ -151,7 +151,8 @@ def _stratified(per_class: list[list[Path]], limit: int) -> list[list[Path]]:
     return out
 
 
-def _rgb_loader(path: str) -> Any:
+def load_rgb(path: str) -> Any:
+    """Open an image file as RGB (242 of the Imagenette images are greyscale)."""
     from PIL import Image
 
     with open(path, "rb") as fh:
@@ -235,7 +236,7 @@ class Imagenette(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         path, label = self.samples[index]
-        image = _rgb_loader(path)
+        image = load_rgb(path)
         if self.transform is not None:
             image = self.transform(image)
         if self.target_transform is not None:
@@ -353,7 +354,7 @@ def compute_stats(dataset: Imagenette, size: int = STATS_SIZE, progress: bool = 
 
         items = tqdm(items, desc="Imagenette statistics", unit="img")
     for i in items:
-        img = _rgb_loader(dataset.samples[i][0])
+        img = load_rgb(dataset.samples[i][0])
         if img.size != (size, size):
             img = img.resize((size, size), Image.BILINEAR)  # PIL's bilinear shrinks with antialiasing
         x = np.asarray(img, dtype=np.float64) / 255.0
@@ -406,7 +407,7 @@ def dataset_stats(
     -------
     DatasetStats
     """
-    from .checkpoint import atomic_save
+    from ..checkpoint import atomic_save
 
     train = Imagenette(root, "train", limit=limit)
     key = hashlib.sha256(f"{train.fingerprint()}|size={size}|limit={limit}".encode()).hexdigest()[:16]

@@ -26,7 +26,7 @@ from interp.mine import resolve_layers
 from interp.notices import EngineWarning, GlobalContextWarning
 from interp.topk import TopK
 
-DATA = Path(os.environ.get("CNN_INTERNALS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+from conftest import DATA_ROOT as DATA  # noqa: E402
 
 
 def _reference_topk(maps: torch.Tensor, channels, k: int) -> dict[int, list[tuple[int, float]]]:

@@ -52,7 +52,7 @@ def test_failure_after_mining_keeps_topk_and_resumes(tmp_path, monkeypatch, caps
 
 
 def test_failure_while_mining_promises_nothing(tmp_path, monkeypatch, capsys):
-    engine = sys.modules["interp.visualize"]  # (the package's "visualize" is the function)
+    engine = sys.modules["interp.draw.visualize"]  # (the package's "visualize" is the function)
 
     def fail(*args, **kwargs):
         raise RuntimeError("mining exploded")

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from adapters import gpu_data as G
-from adapters.imagenette import Imagenette, fallback_stats
+from adapters.datasets.imagenette import Imagenette, fallback_stats
 from adapters.training import Recipe, TrainSpec, fit
 from interp.cli import main
 

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 import adapters
-from adapters import imagenette, recipes
+from adapters import recipes
+from adapters.datasets import imagenette
 from adapters.alexnet import AlexNet
 from adapters.inception import INCEPTION_CONFIG, Inception, InceptionNet
 from adapters.mobilenet import MobileNetV1
@@ -26,7 +27,7 @@ from adapters.vgg16 import VGG16
 
 from _convs import called_convs
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO  # noqa: E402
 
 
 def _data_root() -> Path:

@@ -1,16 +1,26 @@
-"""Leave the user's model exactly as we found it.
+"""Private utilities of the engine: leave the user's model as found, write files atomically.
 
-Every engine entry point that runs a model goes through :func:`preserved`:
-it records each submodule's ``training`` flag and the ids of the hooks already
-registered, and restores both on exit, whether the body returned or raised.
-Hooks the engine registers itself are also removed through
-:class:`HookSet`, so a leftover hook is impossible even if a hook raises.
+Model state
+    Every engine entry point that runs a model goes through :func:`preserved`:
+    it records each submodule's ``training`` flag and restores it on exit,
+    whether the body returned or raised. Hooks the engine registers itself are
+    removed through :class:`HookSet`, so a leftover hook is impossible even if
+    a hook raises.
+Files
+    Every file the engine writes (panels, JSON) goes through
+    :func:`atomic_writer`: the bytes go to a temporary file in the target
+    folder, which is renamed over the target only once complete, and removed
+    on any error. The file gets the usual permissions (0666 less the umask),
+    not the 0600 of ``tempfile.mkstemp``.
 """
 from __future__ import annotations
 
 import contextlib
 import itertools
-from typing import Callable, Iterator
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Callable, Iterator
 
 import torch
 from torch import nn
@@ -107,3 +117,37 @@ def model_device(model: nn.Module, default: torch.device | None = None) -> torch
     for tensor in model.buffers():
         return tensor.device
     return default if default is not None else torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file next to ``path``; on success rename it to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, mode) as fh:
+            yield fh
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write ``data`` (bytes, or text as UTF-8) to ``path`` atomically; returns the path."""
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    with atomic_writer(path, "wb") as fh:
+        fh.write(raw)
+    return Path(path)

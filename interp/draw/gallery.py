@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from .panels import METHOD_NAMES, to_uint8
-from .topk import write_atomic
+from .._utils import write_atomic
 
 __all__ = ["write_gallery", "load_manifest", "encode_tile"]
 

@@ -11,7 +11,7 @@ from torch import nn
 
 import interp
 from interp.data import ArrayImages
-from interp.panels import PAD, crop_tile, normalise_tile, panel_tiles
+from interp.draw.panels import PAD, crop_tile, normalise_tile, panel_tiles
 from interp.topk import TopK
 
 
@@ -116,7 +116,7 @@ def test_panel_png_title_and_size(setup, tmp_path):
     assert Image.open(tmp_path / "p.webp").size == (fig.shape[1], fig.shape[0])
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).shape, fig.shape)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
-    assert interp.panels.layer_title(tk, "conv2") == "Layer 2 (conv2)"
+    assert interp.draw.panels.layer_title(tk, "conv2") == "Layer 2 (conv2)"
 
 
 def test_redraw_from_saved_topk(setup, tmp_path):
@@ -160,8 +160,8 @@ def test_titles_follow_the_originals_numbering():
     x = torch.randn(2, 3, 64, 64)
     model, _ = adapters.load("resnet18")
     tk = interp.mine(model, x, ["conv8"], channels=[0], k=1, progress=False)
-    assert tk.layer("conv8").number == 9 and interp.panels.layer_title(tk, "conv8") == "Layer 8 (conv8)"
+    assert tk.layer("conv8").number == 9 and interp.draw.panels.layer_title(tk, "conv8") == "Layer 8 (conv8)"
     model, _ = adapters.load("inception")
     tk = interp.mine(model, x, ["conv4"], channels=[0], k=1, progress=False)
     (name,) = tk.layers
-    assert interp.panels.layer_title(tk, name) == f"Layer 4 (conv4: {name})" and name != "conv4"
+    assert interp.draw.panels.layer_title(tk, name) == f"Layer 4 (conv4: {name})" and name != "conv4"

@@ -14,10 +14,10 @@ from PIL import Image
 from torch.utils.data import TensorDataset
 
 from adapters import lenet5 as L
-from adapters.data import mnist, mnist_sample
+from adapters.datasets import mnist, mnist_sample
 from adapters.training import Recipe, TrainSpec, evaluate, fit
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO  # noqa: E402
 DATA = Path(os.environ.get("CNN_INTERNALS_DATA") or REPO.parent / "shared" / "data")
 
 EXPECTED_REPR = """LeNet5(

@@ -11,7 +11,7 @@ and
    the *same channel indices* on both sides (the first 6 by default), not
    matched channels: channel numbering is arbitrary per network, so rows are
    not expected to correspond;
-3. computes the linear CKA (:mod:`interp.cka`) between every layer of A and
+3. computes the linear CKA (:mod:`interp.draw.cka`) between every layer of A and
    every layer of B over all the images (the panel layers, or a separate,
    usually longer, list of CKA layers), on each layer's activations
    average-pooled to at most ``grid x grid`` positions (full maps of early
@@ -35,10 +35,10 @@ from torch import nn
 
 from .cka import cka_matrix, gram_linear
 from .panels import encode_figure, font
-from .data import IndexedImages
-from .capture import LayerTaps
-from .mine import eval_mode, iter_batches, on_device, resolve_layers
-from .topk import write_atomic
+from ..data import IndexedImages
+from ..capture import LayerTaps
+from ..mine import eval_mode, iter_batches, on_device, resolve_layers
+from .._utils import write_atomic
 from .visualize import slug, visualize
 
 __all__ = ["compare", "CompareResult", "layer_grams", "side_by_side"]

@@ -1,6 +1,6 @@
 """Model sweep: every torchvision CNN under 60 M parameters plus 20+ timm families.
 
-Run it alone with ``OMP_NUM_THREADS=2 python -m pytest -q tests/test_sweep.py``
+Run it alone with ``OMP_NUM_THREADS=2 python -m pytest -q tests/engine/test_sweep.py``
 (about 5 min on 2 threads; one model: ``CNN_INTERNALS_SWEEP=timm:convnext_atto``).
 
 Per model, for its first, middle and last ``nn.Conv2d`` (forward order), plus

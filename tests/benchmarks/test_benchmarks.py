@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 # The suite ships with the checkout, not the installed package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks import projection, run  # noqa: E402
 from benchmarks.common import TOLERANCE, as_json, check, markdown, max_rel_diff  # noqa: E402
