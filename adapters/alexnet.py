@@ -51,9 +51,9 @@ Parameter count
     lin3   10*4096 + 10           =     40,970
 
 Initialisation: Kaiming normal conv/linear weights, zero biases
-(:func:`adapters.recipes.init_weights`). Training recipe and evaluation
-preprocessing (mean-image subtraction, centre 224 crop):
-:data:`adapters.recipes.RECIPES` ``["alexnet"]``.
+(:func:`adapters.init.init_weights`). Evaluation preprocessing (mean-image
+subtraction, centre 224 crop): :func:`adapters.preprocess.mean_image_crop`
+with the shipped Imagenette statistics.
 
 Examples
 --------
@@ -64,15 +64,17 @@ torch.Size([1, 10])
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from .datasets.imagenette import DatasetStats
+from .checkpoint import load_into
+from .init import init_weights
+from .preprocess import imagenette_mean_image_crop
+from .registry import Card, register_model
 
-__all__ = ["AlexNet", "load", "NUM_PARAMETERS"]
+__all__ = ["AlexNet", "load", "NUM_PARAMETERS", "CARD"]
 
 NUM_PARAMETERS = 58_322_314
 
@@ -128,8 +130,6 @@ class AlexNet(nn.Module):
         # The input-size check lives in a hook, not in forward(): a Python
         # branch on a tensor shape would make the model untraceable by torch.fx.
         self.lin1.register_forward_pre_hook(_check_lin1_input)
-        from .recipes import init_weights
-
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -145,13 +145,7 @@ class AlexNet(nn.Module):
         return self.lin3(x)
 
 
-def load(
-    weights: str | os.PathLike | None = None,
-    num_classes: int = 10,
-    data_root: str | os.PathLike | None = None,
-    stats: "DatasetStats | None" = None,
-    **kwargs,
-) -> tuple[nn.Module, Callable]:
+def load(weights: str | os.PathLike | None = None, num_classes: int = 10, **kwargs) -> tuple[nn.Module, Callable]:
     """AlexNet in eval mode and its evaluation preprocess.
 
     Parameters
@@ -161,12 +155,6 @@ def load(
         keeps the random (Kaiming) initialisation.
     num_classes:
         Output classes (10 for Imagenette).
-    data_root:
-        Where Imagenette is, for the mean image of the preprocess (see
-        :func:`adapters.recipes.eval_preprocess`).
-    stats:
-        Dataset statistics for the preprocess; default: the cached Imagenette
-        training statistics (:func:`adapters.datasets.imagenette.dataset_stats`).
     **kwargs:
         Passed to :class:`AlexNet` (``dropout``).
 
@@ -174,9 +162,22 @@ def load(
     -------
     (model, preprocess)
         ``preprocess`` maps a PIL image to a ``3x224x224`` float tensor: resize
-        to 256, centre 256 crop, scale to [0, 1], subtract the training-set mean
-        image, centre 224 crop.
+        to 256, centre 256 crop, scale to [0, 1], subtract the Imagenette
+        training-set mean image (shipped in the package), centre 224 crop.
     """
-    from .recipes import finish_load
+    model = AlexNet(num_classes=num_classes, **kwargs)
+    if weights is not None:
+        load_into(model, weights, "alexnet")
+    return model.eval(), imagenette_mean_image_crop()
 
-    return finish_load(AlexNet(num_classes=num_classes, **kwargs), "alexnet", weights, data_root, stats)
+
+CARD = register_model(Card(
+    name="alexnet",
+    build=load,
+    preprocess=imagenette_mean_image_crop,
+    params=NUM_PARAMETERS,
+    summary="AlexNet (Krizhevsky et al. 2012) with LRN, single tower, 10-class Imagenette head",
+    dataset="imagenette",
+    figure_layers=("conv2", "conv3", "conv4", "conv5"),
+    twins=("torchvision:alexnet",),
+))

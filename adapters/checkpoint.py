@@ -10,6 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 
+#: The ``weights`` value that keeps a model's random initialisation.
+RANDOM = "random"
+
+
 def _unreadable(path: Path, exc: Exception) -> ValueError:
     """One line on why ``path`` is not a checkpoint, never advice to weaken ``weights_only``.
 
@@ -62,12 +66,17 @@ def load_into(model: torch.nn.Module, weights: str | os.PathLike, name: str,
               state: dict[str, torch.Tensor] | None = None) -> None:
     """Load the state dict in file ``weights`` (or ``state``, already read from it) into ``model``.
 
+    ``weights="random"`` loads nothing: the model keeps its initialisation
+    (the same word as ``cnn-internals --weights random``).
+
     Raises
     ------
     ValueError
         One line, ``"<weights> does not fit <name>: <torch's first lines>"``,
         when keys or shapes do not match.
     """
+    if state is None and str(weights) == RANDOM:
+        return
     if state is None:
         state = load_state_dict(weights)
     try:

@@ -29,12 +29,18 @@ feeds PIL images *or* tensors).
 from __future__ import annotations
 
 import contextlib
+import difflib
 import os
 from pathlib import Path
 from typing import Callable, Iterator
 from urllib.parse import urlparse
 
 import torch
+import torchvision
+from torchvision.models import _api as tv_api
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2 as T
+from torchvision.transforms._presets import ImageClassification
 
 from .checkpoint import load_into, load_state_dict
 
@@ -46,6 +52,10 @@ __all__ = [
     "PRETRAINED_WORDS",
     "parse_torchvision_weights",
     "torchvision_state_dict",
+    "torchvision_weights_file",
+    "torchvision_into",
+    "compose_of",
+    "imagenet_preprocess",
 ]
 
 # ``weights`` values meaning "the library's default pretrained weights".
@@ -87,10 +97,8 @@ def _is_path(weights: str | os.PathLike) -> bool:
 # -- torchvision -----------------------------------------------------------
 
 
-def _tv_weights(arch: str, selector: str):
+def _tv_weights(arch: str, selector: str) -> torchvision.models.WeightsEnum:
     """The torchvision weights-enum member ``selector`` of ``arch``."""
-    import torchvision
-
     try:
         enum = torchvision.models.get_model_weights(arch)
     except (ValueError, KeyError):
@@ -126,11 +134,10 @@ def _tv_safe_state_dicts(offline: bool) -> Iterator[None]:
     set model options from the weights (GoogLeNet's ``transform_input``, the
     class count), which we want, so we keep the builder and only swap the reader.
     """
-    import torchvision.models._api as api
+    # torchvision.models._api is where the builders look the reader up, so that is where it is swapped.
+    original = tv_api.load_state_dict_from_url
 
-    original = api.load_state_dict_from_url
-
-    def safe(url: str, *args, **kwargs):
+    def safe(url: str, *args, **kwargs) -> dict[str, torch.Tensor]:
         file = torch_hub_checkpoint_dir() / os.path.basename(urlparse(url).path)
         if offline and not file.is_file():
             raise FileNotFoundError(_missing_message(file.name, url, file.parent))
@@ -138,23 +145,20 @@ def _tv_safe_state_dicts(offline: bool) -> Iterator[None]:
         kwargs.setdefault("map_location", "cpu")
         return torch.hub.load_state_dict_from_url(url, *args, **kwargs)
 
-    api.load_state_dict_from_url = safe
+    tv_api.load_state_dict_from_url = safe
     try:
         yield
     finally:
-        api.load_state_dict_from_url = original
+        tv_api.load_state_dict_from_url = original
 
 
-def _compose_of(transform: Callable) -> Callable:
+def compose_of(transform: Callable) -> Callable:
     """torchvision's ``ImageClassification`` preset as an equivalent v2 ``Compose``.
 
     Same resize, crop, scaling and normalisation; as a ``Compose`` the engine can
     drop the ``Normalize`` step to show images in true colour
     (:func:`interp.data.display_transform`). Other transforms are returned as they are.
     """
-    from torchvision.transforms._presets import ImageClassification
-    from torchvision.transforms import v2 as T
-
     if not isinstance(transform, ImageClassification):
         return transform
     # Resize and crop before ToImage, as the preset does: a PIL image is resized by PIL.
@@ -175,13 +179,9 @@ def _missing_message(file: str, source: str, folder: Path) -> str:
     )
 
 
-def _load_torchvision(arch: str, weights, offline: bool, kwargs: dict) -> tuple[torch.nn.Module, Callable]:
-    import torchvision
-
+def _load_torchvision(arch: str, weights: str | os.PathLike | None, offline: bool, kwargs: dict) -> tuple[torch.nn.Module, Callable]:
     options = torchvision.models.list_models(module=torchvision.models)
     if arch not in options:
-        import difflib
-
         close = difflib.get_close_matches(arch, options, n=3)
         raise ValueError(
             f"unknown torchvision model {arch!r}" + (f"; did you mean {', '.join(close)}?" if close else "")
@@ -194,13 +194,13 @@ def _load_torchvision(arch: str, weights, offline: bool, kwargs: dict) -> tuple[
         w = _tv_weights(arch, str(weights))
         with _tv_safe_state_dicts(offline):
             model = torchvision.models.get_model(arch, weights=w, **kwargs)
-        preprocess = _compose_of(w.transforms())
+        preprocess = compose_of(w.transforms())
     else:
         model = torchvision.models.get_model(arch, weights=None, **kwargs)
         if weights is not None:
             load_into(model, weights, f"torchvision:{arch}")
         # The default weights' transform: how the architecture is fed in torchvision.
-        preprocess = _compose_of(enum.DEFAULT.transforms()) if enum is not None else _default_preprocess()
+        preprocess = compose_of(enum.DEFAULT.transforms()) if enum is not None else imagenet_preprocess()
     model.eval()
     return model, preprocess
 
@@ -263,14 +263,12 @@ def torchvision_state_dict(
         local file, the default weights' transform).
     """
     if _is_path(selector):
-        import torchvision
-
         enum = torchvision.models.get_model_weights(arch)
-        return load_state_dict(selector), _compose_of(enum.DEFAULT.transforms())
+        return load_state_dict(selector), compose_of(enum.DEFAULT.transforms())
     w = _tv_weights(arch, selector)
     with _tv_safe_state_dicts(offline_mode(offline)):
         state = w.get_state_dict(progress=True)
-    return state, _compose_of(w.transforms())
+    return state, compose_of(w.transforms())
 
 
 # -- timm --------------------------------------------------------------------
@@ -331,8 +329,6 @@ def _timm_cached_file(cfg: dict) -> tuple[Path | None, str, Path]:
 def _timm_preprocess(model: torch.nn.Module) -> Callable:
     """timm's ``resolve_data_config`` eval transform, as torchvision v2 ops (PIL or tensor input)."""
     import timm
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import v2 as T
 
     cfg = timm.data.resolve_data_config({}, model=model)
     size = cfg["input_size"][-2:]
@@ -349,12 +345,10 @@ def _timm_preprocess(model: torch.nn.Module) -> Callable:
     ])
 
 
-def _load_timm(arch: str, weights, offline: bool, kwargs: dict) -> tuple[torch.nn.Module, Callable]:
+def _load_timm(arch: str, weights: str | os.PathLike | None, offline: bool, kwargs: dict) -> tuple[torch.nn.Module, Callable]:
     import timm
 
     if arch not in timm.list_models() and not timm.list_models(arch) and not timm.is_model(arch):
-        import difflib
-
         close = difflib.get_close_matches(arch, timm.list_models(), n=3)
         raise ValueError(f"unknown timm model {arch!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
     if weights is not None and not _is_path(weights):
@@ -381,10 +375,8 @@ def _load_timm(arch: str, weights, offline: bool, kwargs: dict) -> tuple[torch.n
     return model, _timm_preprocess(model)
 
 
-def _default_preprocess(size: int = 224) -> Callable:
+def imagenet_preprocess(size: int = 224) -> Callable:
     """Resize 256, centre 224 crop, ImageNet mean/std: for architectures without a weights enum."""
-    from torchvision.transforms import v2 as T
-
     return T.Compose(
         [
             T.ToImage(),

@@ -47,7 +47,7 @@ printed stem convolutions do; BatchNorm affine parameters included): stem
 convolutions 5,973,552, BatchNorm 14,560, fc 10,250).
 
 Initialisation: Kaiming normal conv/linear weights, zero biases, BatchNorm
-weight 1 and bias 0 (:func:`adapters.recipes.init_weights`).
+weight 1 and bias 0 (:func:`adapters.init.init_weights`).
 
 torchvision's GoogLeNet weights
 -------------------------------
@@ -84,13 +84,17 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from torch import nn
+from torchvision.transforms import v2 as T
 
-if TYPE_CHECKING:
-    from .datasets.imagenette import DatasetStats
+from .checkpoint import load_into
+from .hub import torchvision_into
+from .init import init_weights
+from .preprocess import imagenette_resize_crop
+from .registry import Card, register_model
 
 __all__ = [
     "Inception",
@@ -100,6 +104,7 @@ __all__ = [
     "NUM_PARAMETERS",
     "from_torchvision_state_dict",
     "use_torchvision_pools",
+    "CARD",
 ]
 
 NUM_PARAMETERS = 5_998_362
@@ -207,8 +212,6 @@ class InceptionNet(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(1024, num_classes)
         self.layer_aliases: dict[str, str] = self._conv_aliases()
-        from .recipes import init_weights
-
         init_weights(self)
 
     def _conv_aliases(self) -> dict[str, str]:
@@ -321,13 +324,7 @@ def use_torchvision_pools(model: InceptionNet) -> InceptionNet:
     return model
 
 
-def load(
-    weights: str | os.PathLike | None = None,
-    num_classes: int = 10,
-    data_root: str | os.PathLike | None = None,
-    stats: "DatasetStats | None" = None,
-    **kwargs,
-) -> tuple[nn.Module, Callable]:
+def load(weights: str | os.PathLike | None = None, num_classes: int = 10, **kwargs) -> tuple[nn.Module, Callable]:
     """InceptionNet in eval mode and its evaluation preprocess.
 
     Parameters
@@ -339,11 +336,6 @@ def load(
     num_classes:
         Output classes (10 for Imagenette; ignored for torchvision weights,
         which set it from their ``fc``).
-    data_root:
-        Where Imagenette is, for the mean/std of the preprocess.
-    stats:
-        Dataset statistics for the preprocess; default: the cached Imagenette
-        training statistics (:func:`adapters.datasets.imagenette.dataset_stats`).
     **kwargs:
         Passed to :class:`InceptionNet` (``dropout``), except
         ``torchvision_pools=True``, which applies :func:`use_torchvision_pools`,
@@ -353,13 +345,11 @@ def load(
     Returns
     -------
     (model, preprocess)
-        ``preprocess``: resize 256, centre 224 crop, [0, 1], dataset mean/std;
+        ``preprocess``: resize 256, centre 224 crop, [0, 1], Imagenette mean/std
+        (shipped in the package);
         for torchvision weights torchvision's resize and crop with mean and std
         0.5 (the published weights' ``transform_input``).
     """
-    from .hub import torchvision_into
-    from .recipes import finish_load
-
     tv_pools = bool(kwargs.pop("torchvision_pools", False))
     transform_input = kwargs.pop("transform_input", None)
     transferred = torchvision_into(weights, ("googlenet",), "fc.weight",
@@ -371,8 +361,10 @@ def load(
     else:
         if transform_input is not None:
             raise ValueError("transform_input applies to torchvision:googlenet weights only")
-        model, preprocess = finish_load(InceptionNet(num_classes=num_classes, **kwargs), "inception", weights,
-                                        data_root, stats)
+        model = InceptionNet(num_classes=num_classes, **kwargs)
+        if weights is not None:
+            load_into(model, weights, "inception")
+        model, preprocess = model.eval(), imagenette_resize_crop()
     if tv_pools:
         use_torchvision_pools(model)
     return model, preprocess
@@ -385,9 +377,19 @@ def _transform_input_preprocess(preprocess: Callable) -> Callable:
     feeds ImageNet-normalised tensors and undoes that inside the model
     (``x * std / 0.5 + (mean - 0.5) / 0.5``), which is the same map.
     """
-    from torchvision.transforms import v2 as T
-
     steps = list(getattr(preprocess, "transforms", []))
     if not steps or not isinstance(steps[-1], T.Normalize):
         raise ValueError("expected torchvision's preprocess to end with Normalize")
     return T.Compose(steps[:-1] + [T.Normalize([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])])
+
+
+CARD = register_model(Card(
+    name="inception",
+    build=load,
+    preprocess=imagenette_resize_crop,
+    params=NUM_PARAMETERS,
+    summary="InceptionNet: GoogLeNet (Szegedy et al. 2014) with BatchNorm, 10-class Imagenette head",
+    dataset="imagenette",
+    figure_layers=tuple(f"conv{n}" for n in range(2, 19, 2)),
+    twins=("torchvision:googlenet",),
+))

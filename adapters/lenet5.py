@@ -1,10 +1,8 @@
 """LeNet-5 (LeCun, Bottou, Bengio & Haffner, 1998), faithful to the paper.
 
-Input is a 32x32 greyscale digit: an MNIST image padded by 2 pixels on every
-side, so that stroke ends and corners can reach the centre of the receptive
-fields of the highest-level feature detectors (section II.B of the paper).
-
-Architecture (``print(LeNet5())``)::
+Input is a 32x32 greyscale digit: an MNIST image padded by 2 pixels of
+background, so that stroke ends can reach the centre of the highest-level
+receptive fields (section II.B of the paper). ``print(LeNet5())``::
 
     LeNet5(
       (conv1): Conv2d(1, 6, kernel_size=(5, 5), stride=(1, 1))
@@ -23,56 +21,23 @@ Architecture (``print(LeNet5())``)::
     )
 
 Shapes: 1x32x32 -> conv1 6x28x28 -> pool1 6x14x14 -> conv2 16x10x10 -> pool2
-16x5x5 -> conv3 120x1x1 -> linear 84 -> rbf 10.
+16x5x5 -> conv3 120x1x1 -> linear 84 -> rbf 10. **60,856** trainable
+parameters (conv1 156, conv2 2,416, conv3 48,120, linear 10,164; the RBF
+prototypes are a fixed buffer). With the paper's ``c3_table=True`` (60 of 96
+C3 connections) and ``trainable_pool=True`` the effective count is the
+paper's **60,000** (:func:`count_parameters` excludes masked C3 weights).
 
-Parameter count
----------------
-The default model has **60,856** trainable parameters::
+The ``rbf`` layer outputs one *penalty* per class, the squared distance
+between the 84-unit F6 code and a fixed +/-1 prototype (stylised 7x12 digit
+bitmaps after Fig. 3 of the paper, :data:`PROTOTYPE_BITMAPS`): the predicted
+class is the **argmin** (:func:`predict`). :func:`preprocess` scales pixels
+so that background is -0.1 and full ink 1.175 (paper, section II.A): no
+dataset statistics.
 
-    conv1   6*1*5*5 + 6      =    156
-    conv2  16*6*5*5 + 16     =  2,416   (full connection)
-    conv3 120*16*5*5 + 120   = 48,120
-    linear 84*120 + 84       = 10,164
-    rbf    0                   (fixed prototypes: a buffer, not trained)
-
-With the paper's options ``c3_table=True`` (60 of the 96 C3 connections:
-60*25 + 16 = 1,516 effective conv2 parameters) and ``trainable_pool=True``
-(one coefficient and one bias per subsampling map: 12 + 32) the effective
-count is exactly the paper's **60,000**; :func:`count_parameters` counts
-effective parameters (masked C3 weights excluded).
-
-Outputs and prediction
-----------------------
-The ``rbf`` layer outputs one *penalty* per class, the squared Euclidean
-distance between the 84-unit F6 code and the class prototype. Smaller means
-more likely: the predicted class is the **argmin** (:func:`predict`,
-:meth:`LeNet5.scores_to_pred`). Train with :func:`lecun_loss`.
-
-Prototypes
-----------
-The ten prototypes are the paper's choice: stylised 7x12 bitmaps of the
-digits (Fig. 3 of the paper), drawn here by hand, +1 for ink and -1 for
-background, flattened row by row to 84 values. They are a fixed buffer and
-never trained, so the F6 code of a digit is pulled towards a picture of that
-digit; the least-separated pair still differs in
-:data:`MIN_PROTOTYPE_HAMMING` of 84 positions.
-
-Normalisation
--------------
-:func:`preprocess` follows the paper: pixel values are scaled linearly so that
-the background (0 in MNIST) becomes -0.1 and full ink (255) becomes 1.175
-(``x/255 * 1.275 - 0.1``), and the 2-pixel padding takes the background value.
-The paper chose these values to make the input roughly zero-mean with a
-variance near 1; on the padded MNIST training images the mean is 0.028 and the
-standard deviation 0.35. No dataset statistics are needed, so any digit image
-is treated the same way.
-
-Shipped weights
----------------
-``weights/lenet5.safetensors``: the default architecture trained on the 60,000
-MNIST training images (recipe :func:`recipe`, seed 0, last of 30 epochs); it
-classifies 9,923 of the 10,000 MNIST test images correctly (99.23%). How it
-was made is recorded in ``weights/lenet5.json``.
+Shipped weights ``weights/lenet5.safetensors``: the default architecture
+trained on the 60,000 MNIST training images (seed 0, last of 30 epochs),
+99.23 % on the 10,000 test images; how it was made is in
+``weights/lenet5.json``. Design choices and the recipe: ``docs/models.md``.
 
 Examples
 --------
@@ -86,10 +51,13 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
+
+from .checkpoint import load_state_dict
+from .registry import Card, register_model
 
 __all__ = [
     "LeNet5",
@@ -104,23 +72,21 @@ __all__ = [
     "BACKGROUND",
     "FOREGROUND",
     "DEFAULT_WEIGHTS",
+    "NUM_PARAMETERS",
     "count_parameters",
-    "lecun_loss",
     "predict",
-    "penalties_to_scores",
     "to_input",
     "preprocess",
     "load",
-    "recipe",
-    "training_setup",
+    "CARD",
 ]
 
 # Value of white background / full ink after preprocessing (paper, section II.A).
 BACKGROUND: float = -0.1
 FOREGROUND: float = 1.175
 
-# J of the MAP criterion (paper, eq. 9).
-LOSS_J: float = 5.0
+#: Trainable parameters of the default architecture.
+NUM_PARAMETERS = 60_856
 
 DEFAULT_WEIGHTS: Path = Path(__file__).with_name("weights") / "lenet5.safetensors"
 
@@ -138,148 +104,25 @@ C3_TABLE: tuple[tuple[int, ...], ...] = (
 
 # Stylised 7 (wide) x 12 (tall) digit bitmaps for the RBF prototypes ('#' = +1,
 # '.' = -1). Drawn after Fig. 3 of the paper: a two-pixel-thick stroke in a
-# frame that leaves the top and bottom rows as margin.
-PROTOTYPE_BITMAPS: tuple[tuple[str, ...], ...] = (
-    (  # 0
-        ".......",
-        "..###..",
-        ".##.##.",
-        "##...##",
-        "##...##",
-        "##...##",
-        "##...##",
-        "##...##",
-        "##...##",
-        ".##.##.",
-        "..###..",
-        ".......",
-    ),
-    (  # 1
-        ".......",
-        "...##..",
-        "..###..",
-        ".####..",
-        "...##..",
-        "...##..",
-        "...##..",
-        "...##..",
-        "...##..",
-        "...##..",
-        ".######",
-        ".......",
-    ),
-    (  # 2
-        ".......",
-        ".#####.",
-        "##...##",
-        ".....##",
-        ".....##",
-        "....##.",
-        "...##..",
-        "..##...",
-        ".##....",
-        "##.....",
-        "#######",
-        ".......",
-    ),
-    (  # 3
-        ".......",
-        "######.",
-        ".....##",
-        ".....##",
-        ".....##",
-        "..####.",
-        ".....##",
-        ".....##",
-        ".....##",
-        ".....##",
-        "######.",
-        ".......",
-    ),
-    (  # 4
-        ".......",
-        "....##.",
-        "...###.",
-        "..####.",
-        ".##.##.",
-        "##..##.",
-        "#######",
-        "....##.",
-        "....##.",
-        "....##.",
-        "....##.",
-        ".......",
-    ),
-    (  # 5
-        ".......",
-        "#######",
-        "##.....",
-        "##.....",
-        "######.",
-        ".....##",
-        ".....##",
-        ".....##",
-        ".....##",
-        "##...##",
-        ".#####.",
-        ".......",
-    ),
-    (  # 6
-        ".......",
-        "...###.",
-        "..##...",
-        ".##....",
-        "##.....",
-        "######.",
-        "##...##",
-        "##...##",
-        "##...##",
-        "##...##",
-        ".#####.",
-        ".......",
-    ),
-    (  # 7
-        ".......",
-        "#######",
-        ".....##",
-        "....##.",
-        "....##.",
-        "...##..",
-        "...##..",
-        "..##...",
-        "..##...",
-        ".##....",
-        ".##....",
-        ".......",
-    ),
-    (  # 8
-        ".......",
-        ".#####.",
-        "##...##",
-        "##...##",
-        "##...##",
-        ".#####.",
-        "##...##",
-        "##...##",
-        "##...##",
-        "##...##",
-        ".#####.",
-        ".......",
-    ),
-    (  # 9
-        ".......",
-        ".#####.",
-        "##...##",
-        "##...##",
-        "##...##",
-        ".######",
-        ".....##",
-        "....##.",
-        "...##..",
-        "..##...",
-        ".##....",
-        ".......",
-    ),
+# frame that leaves the top and bottom rows as margin. Drawn side by side, one
+# line per bitmap row, so that the sheet reads like a font.
+_DIGIT_SHEET: tuple[str, ...] = (
+    # 0       1       2       3       4       5       6       7       8       9
+    "....... ....... ....... ....... ....... ....... ....... ....... ....... .......",
+    "..###.. ...##.. .#####. ######. ....##. ####### ...###. ####### .#####. .#####.",
+    ".##.##. ..###.. ##...## .....## ...###. ##..... ..##... .....## ##...## ##...##",
+    "##...## .####.. .....## .....## ..####. ##..... .##.... ....##. ##...## ##...##",
+    "##...## ...##.. .....## .....## .##.##. ######. ##..... ....##. ##...## ##...##",
+    "##...## ...##.. ....##. ..####. ##..##. .....## ######. ...##.. .#####. .######",
+    "##...## ...##.. ...##.. .....## ####### .....## ##...## ...##.. ##...## .....##",
+    "##...## ...##.. ..##... .....## ....##. .....## ##...## ..##... ##...## ....##.",
+    "##...## ...##.. .##.... .....## ....##. .....## ##...## ..##... ##...## ...##..",
+    ".##.##. ...##.. ##..... .....## ....##. ##...## ##...## .##.... ##...## ..##...",
+    "..###.. .###### ####### ######. ....##. .#####. .#####. .##.... .#####. .##....",
+    "....... ....... ....... ....... ....... ....... ....... ....... ....... .......",
+)
+PROTOTYPE_BITMAPS: tuple[tuple[str, ...], ...] = tuple(
+    tuple(row.split()[digit] for row in _DIGIT_SHEET) for digit in range(10)
 )
 
 
@@ -539,36 +382,6 @@ def count_parameters(model: nn.Module) -> int:
     return total
 
 
-def lecun_loss(penalties: torch.Tensor, target: torch.Tensor, j: float = LOSS_J) -> torch.Tensor:
-    """LeCun's MAP criterion (paper, eq. 9), averaged over the batch.
-
-    ``E = mean_p [ y_{D_p} + log(exp(-j) + sum_i exp(-y_i)) ]``
-
-    The first term pulls the correct class's penalty down; the second pushes
-    the other penalties up (the ``exp(-j)`` term stops it from pushing
-    penalties that are already larger than ``j``). Computed with ``logsumexp``
-    so that large penalties cannot underflow to ``log(0)``.
-
-    Parameters
-    ----------
-    penalties:
-        ``BxC`` RBF outputs.
-    target:
-        ``B`` class indices.
-    j:
-        The constant J (5 in the paper).
-    """
-    correct = penalties.gather(1, target.view(-1, 1)).squeeze(1)
-    rubbish = torch.full_like(penalties[:, :1], -float(j))
-    competition = torch.logsumexp(torch.cat([rubbish, -penalties], dim=1), dim=1)
-    return (correct + competition).mean()
-
-
-def penalties_to_scores(penalties: torch.Tensor) -> torch.Tensor:
-    """Turn penalties into scores where larger = more likely (for top-k ranking)."""
-    return -penalties
-
-
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Class indices for a batch ``x`` (``Bx1x32x32``): the argmin of the RBF penalties."""
@@ -599,7 +412,7 @@ def to_input(images: torch.Tensor) -> torch.Tensor:
     return x * ((FOREGROUND - BACKGROUND) / 255.0) + BACKGROUND
 
 
-def preprocess(image) -> torch.Tensor:
+def preprocess(image: Image.Image | torch.Tensor | np.ndarray) -> torch.Tensor:
     """Turn one digit image into the model's input ``1x32x32`` (float32).
 
     Parameters
@@ -652,8 +465,6 @@ def load(weights: str | Path | None = None, **kwargs) -> tuple[LeNet5, Callable]
     -------
     (model, preprocess)
     """
-    from .checkpoint import load_state_dict
-
     model = LeNet5(**kwargs)
     if weights is None:
         if model.c3_table or model.trainable_pool:
@@ -677,66 +488,19 @@ def _describe(kwargs: dict) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
 
 
-def recipe():
-    """The LeNet-5 training recipe (:class:`adapters.training.Recipe`).
-
-    The original implementation's recipe (AdamW, lr 1e-3, weight decay 1e-4,
-    batch 64, 30 epochs, no augmentation) plus one addition of ours: the
-    learning rate decays to zero along a cosine over the run, stepped per
-    batch, which settles the weights at the end of training. (A 10-epoch
-    version of the same recipe reached only 98.86% on the MNIST test set, so
-    there is no shorter variant.)
-    """
-    from .training import Recipe
-
-    return Recipe(
-        name="lenet5",
-        epochs=30,
-        batch_size=64,
-        optimizer="adamw",
-        lr=1e-3,
-        weight_decay=1e-4,
-        scheduler="cosine",
-    )
+def _preprocess_factory() -> Callable:
+    """The card's preprocess factory: LeNet-5 takes 32x32 digits only, so there is one transform."""
+    return preprocess
 
 
-def training_setup(
-    data_root: str | Path | None = None,
-    limit: int | None = None,
-    **model_kwargs,
-):
-    """Everything :func:`adapters.training.fit` needs to train LeNet-5 on MNIST.
-
-    The 60,000 training images are the training set and the 10,000 test
-    images the per-epoch validation set (MNIST has no separate validation
-    split; the *last* epoch, not the best, is what we ship, so nothing is
-    selected on the test set). Images are preprocessed once into tensors,
-    which is several times faster per epoch than per-item PIL transforms.
-
-    Returns
-    -------
-    adapters.training.TrainSpec
-    """
-    from torch.utils.data import TensorDataset
-
-    from .datasets import mnist
-    from .training import TrainSpec
-
-    def tensors(train: bool) -> TensorDataset:
-        ds = mnist(data_root, train=train)
-        images, labels = ds.data, ds.targets
-        if limit is not None:
-            images, labels = images[:limit], labels[:limit]
-        return TensorDataset(to_input(images), labels.long())
-
-    val_set = tensors(False)
-    return TrainSpec(
-        model=LeNet5(**model_kwargs),
-        train_set=tensors(True),
-        val_set=val_set,
-        recipe=recipe(),
-        loss_fn=lecun_loss,
-        scores_fn=penalties_to_scores,
-        val_name=f"MNIST test ({len(val_set):,})" if limit is None else f"MNIST test (first {len(val_set):,})",
-        extra={"model_kwargs": dict(model_kwargs), "preprocess": "pad 2, x/255*1.275-0.1"},
-    )
+CARD = register_model(Card(
+    name="lenet5",
+    build=load,
+    preprocess=_preprocess_factory,
+    params=NUM_PARAMETERS,
+    summary="LeNet-5 (LeCun et al. 1998) with RBF outputs, trained on MNIST (99.23 % test accuracy)",
+    dataset="mnist",
+    figure_layers=("conv1", "conv2", "conv3"),
+    twins=(),
+    weights_file=DEFAULT_WEIGHTS,
+))

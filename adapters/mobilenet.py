@@ -39,20 +39,22 @@ BatchNorm affine parameters and running statistics come to 218,544, the
 parameter count of Keras' no-top file for alpha 0.25.
 
 Initialisation: Kaiming normal conv/linear weights, zero biases, BatchNorm
-weight 1 and bias 0 (:func:`adapters.recipes.init_weights`).
+weight 1 and bias 0 (:func:`adapters.init.init_weights`).
 """
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from .datasets.imagenette import DatasetStats
+from .checkpoint import load_into
+from .init import init_weights
+from .preprocess import imagenette_resize_crop
+from .registry import Card, register_model
 
-__all__ = ["MobileNetV1", "load", "NUM_PARAMETERS", "BLOCKS", "is_depthwise"]
+__all__ = ["MobileNetV1", "load", "NUM_PARAMETERS", "BLOCKS", "is_depthwise", "CARD"]
 
 NUM_PARAMETERS = 3_217_226
 
@@ -117,8 +119,6 @@ class MobileNetV1(nn.Module):
         self.num_convs = i - 1
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(ch, num_classes)
-        from .recipes import init_weights
-
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -129,12 +129,7 @@ class MobileNetV1(nn.Module):
 
 
 def load(
-    weights: str | os.PathLike | None = None,
-    num_classes: int = 10,
-    width_mult: float = 1.0,
-    data_root: str | os.PathLike | None = None,
-    stats: "DatasetStats | None" = None,
-    **kwargs,
+    weights: str | os.PathLike | None = None, num_classes: int = 10, width_mult: float = 1.0, **kwargs
 ) -> tuple[nn.Module, Callable]:
     """MobileNet v1 in eval mode and its evaluation preprocess.
 
@@ -147,20 +142,28 @@ def load(
         Output classes (10 for Imagenette).
     width_mult:
         Width multiplier alpha (1.0 for the Imagenette recipe).
-    data_root:
-        Where Imagenette is, for the mean/std of the preprocess.
-    stats:
-        Dataset statistics for the preprocess; default: the cached Imagenette
-        training statistics (:func:`adapters.datasets.imagenette.dataset_stats`).
     **kwargs:
         Passed to :class:`MobileNetV1` (none at present).
 
     Returns
     -------
     (model, preprocess)
-        ``preprocess``: resize 256, centre 224 crop, [0, 1], dataset mean/std.
+        ``preprocess``: resize 256, centre 224 crop, [0, 1], Imagenette mean/std
+        (shipped in the package).
     """
-    from .recipes import finish_load
-
     model = MobileNetV1(num_classes=num_classes, width_mult=width_mult, **kwargs)
-    return finish_load(model, "mobilenet", weights, data_root, stats)
+    if weights is not None:
+        load_into(model, weights, "mobilenet")
+    return model.eval(), imagenette_resize_crop()
+
+
+CARD = register_model(Card(
+    name="mobilenet",
+    build=load,
+    preprocess=imagenette_resize_crop,
+    params=NUM_PARAMETERS,
+    summary="MobileNet v1 (Howard et al. 2017), width_mult 1, 10-class Imagenette head",
+    dataset="imagenette",
+    figure_layers=("conv2", "conv6", "conv10", "conv14", "conv18", "conv22"),
+    twins=("timm:mobilenetv1_100", "pretrained:mobilenet_v1_100_tflite", "pretrained:mobilenet_v1_025_keras"),
+))

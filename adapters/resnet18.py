@@ -37,20 +37,24 @@ Parameter count
 affine 9,600 (projections 1,792), fc 5,130.
 
 Initialisation: Kaiming normal conv/linear weights, zero biases, BatchNorm
-weight 1 and bias 0 (:func:`adapters.recipes.init_weights`).
+weight 1 and bias 0 (:func:`adapters.init.init_weights`).
 """
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from .datasets.imagenette import DatasetStats
+from .checkpoint import load_into
+from .hub import torchvision_into
+from .init import init_weights
+from .preprocess import imagenette_resize_crop
+from .registry import Card, register_model
 
-__all__ = ["ResNet18", "load", "from_torchvision_state_dict", "NUM_PARAMETERS", "BLOCKS", "TORCHVISION_NAMES"]
+__all__ = ["ResNet18", "load", "from_torchvision_state_dict", "NUM_PARAMETERS", "BLOCKS", "TORCHVISION_NAMES",
+           "CARD"]
 
 NUM_PARAMETERS = 11_181_642
 
@@ -117,8 +121,6 @@ class ResNet18(nn.Module):
                 self.add_module(f"bn_proj{proj}", nn.BatchNorm2d(cout))
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(512, num_classes)
-        from .recipes import init_weights
-
         init_weights(self)
 
     def _block(self, x: torch.Tensor, a: int, proj: int) -> torch.Tensor:
@@ -161,13 +163,7 @@ def from_torchvision_state_dict(state: dict[str, torch.Tensor]) -> dict[str, tor
     return out
 
 
-def load(
-    weights: str | os.PathLike | None = None,
-    num_classes: int = 10,
-    data_root: str | os.PathLike | None = None,
-    stats: "DatasetStats | None" = None,
-    **kwargs,
-) -> tuple[nn.Module, Callable]:
+def load(weights: str | os.PathLike | None = None, num_classes: int = 10, **kwargs) -> tuple[nn.Module, Callable]:
     """ResNet-18 in eval mode and its evaluation preprocess.
 
     Parameters
@@ -179,24 +175,32 @@ def load(
         has the file's class count and the preprocess is torchvision's).
     num_classes:
         Output classes (10 for Imagenette; ignored for torchvision weights).
-    data_root:
-        Where Imagenette is, for the mean/std of the preprocess.
-    stats:
-        Dataset statistics for the preprocess; default: the cached Imagenette
-        training statistics (:func:`adapters.datasets.imagenette.dataset_stats`).
     **kwargs:
         Passed to :class:`ResNet18` (none at present).
 
     Returns
     -------
     (model, preprocess)
-        ``preprocess``: resize 256, centre 224 crop, [0, 1], dataset mean/std.
+        ``preprocess``: resize 256, centre 224 crop, [0, 1], Imagenette mean/std
+        (shipped in the package).
     """
-    from .hub import torchvision_into
-    from .recipes import finish_load
-
     transferred = torchvision_into(weights, ("resnet18",), "fc.weight",
                                    lambda n: ResNet18(num_classes=n, **kwargs), from_torchvision_state_dict)
     if transferred is not None:
         return transferred
-    return finish_load(ResNet18(num_classes=num_classes, **kwargs), "resnet18", weights, data_root, stats)
+    model = ResNet18(num_classes=num_classes, **kwargs)
+    if weights is not None:
+        load_into(model, weights, "resnet18")
+    return model.eval(), imagenette_resize_crop()
+
+
+CARD = register_model(Card(
+    name="resnet18",
+    build=load,
+    preprocess=imagenette_resize_crop,
+    params=NUM_PARAMETERS,
+    summary="ResNet-18 (He et al. 2016), 10-class Imagenette head",
+    dataset="imagenette",
+    figure_layers=("conv2", "conv4", "conv6", "conv8", "conv10", "conv13"),
+    twins=("torchvision:resnet18",),
+))

@@ -28,9 +28,9 @@ Parameter count
     fc3   10*4096 + 10          =         40,970
 
 Initialisation: Kaiming normal conv/linear weights, zero biases
-(:func:`adapters.recipes.init_weights`). Recipe and evaluation preprocessing
-(resize 256, centre 224 crop, dataset mean/std): :data:`adapters.recipes.RECIPES`
-``["vgg16"]``.
+(:func:`adapters.init.init_weights`). Evaluation preprocessing (resize 256,
+centre 224 crop, dataset mean/std): :func:`adapters.preprocess.resize_crop`
+with the shipped Imagenette statistics.
 
 torchvision's VGG-16 weights
 ----------------------------
@@ -49,15 +49,18 @@ without BatchNorm. See :func:`from_torchvision_state_dict`.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from .datasets.imagenette import DatasetStats
+from .checkpoint import load_into
+from .hub import torchvision_into
+from .init import init_weights
+from .preprocess import imagenette_resize_crop
+from .registry import Card, register_model
 
-__all__ = ["VGG16", "load", "NUM_PARAMETERS", "CONV_CHANNELS", "from_torchvision_state_dict"]
+__all__ = ["VGG16", "load", "NUM_PARAMETERS", "CONV_CHANNELS", "from_torchvision_state_dict", "CARD"]
 
 NUM_PARAMETERS = 134_301_514
 
@@ -97,8 +100,6 @@ class VGG16(nn.Module):
         self.relu15 = nn.ReLU()
         self.drop2 = nn.Dropout(dropout)
         self.fc3 = nn.Linear(4096, num_classes)
-        from .recipes import init_weights
-
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,13 +154,7 @@ def from_torchvision_state_dict(state: dict[str, torch.Tensor]) -> dict[str, tor
     return out
 
 
-def load(
-    weights: str | os.PathLike | None = None,
-    num_classes: int = 10,
-    data_root: str | os.PathLike | None = None,
-    stats: "DatasetStats | None" = None,
-    **kwargs,
-) -> tuple[nn.Module, Callable]:
+def load(weights: str | os.PathLike | None = None, num_classes: int = 10, **kwargs) -> tuple[nn.Module, Callable]:
     """VGG-16 in eval mode and its evaluation preprocess.
 
     Parameters
@@ -172,24 +167,32 @@ def load(
     num_classes:
         Output classes (10 for Imagenette; ignored for torchvision weights,
         which set it from ``classifier.6``).
-    data_root:
-        Where Imagenette is, for the mean/std of the preprocess.
-    stats:
-        Dataset statistics for the preprocess; default: the cached Imagenette
-        training statistics (:func:`adapters.datasets.imagenette.dataset_stats`).
     **kwargs:
         Passed to :class:`VGG16` (``dropout``).
 
     Returns
     -------
     (model, preprocess)
-        ``preprocess``: resize 256, centre 224 crop, [0, 1], dataset mean/std.
+        ``preprocess``: resize 256, centre 224 crop, [0, 1], Imagenette mean/std
+        (shipped in the package).
     """
-    from .hub import torchvision_into
-    from .recipes import finish_load
-
     transferred = torchvision_into(weights, ("vgg16", "vgg16_bn"), "classifier.6.weight",
                                    lambda n: VGG16(num_classes=n, **kwargs), from_torchvision_state_dict)
     if transferred is not None:
         return transferred
-    return finish_load(VGG16(num_classes=num_classes, **kwargs), "vgg16", weights, data_root, stats)
+    model = VGG16(num_classes=num_classes, **kwargs)
+    if weights is not None:
+        load_into(model, weights, "vgg16")
+    return model.eval(), imagenette_resize_crop()
+
+
+CARD = register_model(Card(
+    name="vgg16",
+    build=load,
+    preprocess=imagenette_resize_crop,
+    params=NUM_PARAMETERS,
+    summary="VGG-16 (Simonyan & Zisserman 2015, configuration D), 10-class Imagenette head",
+    dataset="imagenette",
+    figure_layers=("conv2", "conv4", "conv6", "conv8", "conv10", "conv13"),
+    twins=("torchvision:vgg16", "torchvision:vgg16_bn"),
+))

@@ -14,9 +14,11 @@ import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
 from typing import Callable, Sequence
 
 import torch
+import torchvision
 from torch import nn
 
 # Largest allowed max relative difference between ours and a baseline.
@@ -234,8 +236,6 @@ def environment(device: torch.device) -> dict:
     except ImportError:
         env["captum"] = None
     try:
-        from importlib.metadata import version
-
         env["zennit"] = version("zennit")
     except Exception:  # noqa: BLE001 - zennit is an optional extra
         env["zennit"] = None
@@ -301,8 +301,6 @@ def seeded(seed: int) -> torch.Generator:
 
 def build_torchvision(name: str, seed: int = 0) -> nn.Module:
     """A torchvision classifier with seeded random weights, in eval mode."""
-    import torchvision
-
     torch.manual_seed(seed)
     kwargs: dict = {"weights": None}
     if name == "googlenet":

@@ -22,7 +22,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .common import Row, check, max_rel_diff, median, sync
+import adapters
+import interp
+from interp.data import collate_skipping, open_images
+from interp.layers import resolve_layer
+from interp.project import forward_to
+
+from .common import Row, check, max_rel_diff, median, no_inplace_copy, sync
+from .mining import topk_values
+from .projection import naive_per_unit
 
 DEFAULT_DATA = Path(os.environ.get("CNN_INTERNALS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -45,8 +53,6 @@ QUICK = Settings(limit=24, channels=2, k=3)
 
 
 def _loader(data, batch_size: int, workers: int = 0):
-    from interp.data import collate_skipping
-
     return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_skipping,
                                        num_workers=workers)
 
@@ -54,10 +60,6 @@ def _loader(data, batch_size: int, workers: int = 0):
 def original_pipeline(model: nn.Module, data, layers: list[str], channels: int, k: int, batch_size: int,
                       device: torch.device, workers: int = 0) -> tuple[dict, torch.Tensor]:
     """Mine one layer per data pass, then one forward+backward per unit; timings and top-k values."""
-    from .projection import naive_per_unit
-
-    from .common import no_inplace_copy
-
     modules = dict(model.named_modules())
     # The per-unit loop hooks a layer output that a later in-place op could
     # overwrite; the copy computes the same values without in-place ops.
@@ -115,9 +117,6 @@ def modules_out_width(model: nn.Module, name: str, data, device: torch.device) -
     """Output width of layer ``name`` for the data's image size (one probe per layer, cached)."""
     key = (id(model), name)
     if key not in _WIDTHS:
-        from interp.layers import resolve_layer
-        from interp.project import forward_to
-
         with torch.no_grad():
             _WIDTHS[key] = forward_to(model, resolve_layer(model, name), data.item(0)[None].to(device)).shape[-1]
     return _WIDTHS[key]
@@ -126,12 +125,6 @@ def modules_out_width(model: nn.Module, name: str, data, device: torch.device) -
 def run(device: torch.device, quick: bool = False, settings: Settings | None = None, data_root: Path | None = None,
         log=print) -> list[Row]:
     """Run the end-to-end benchmark on Imagenette val; return its rows."""
-    import adapters
-    import interp
-    from interp.data import open_images
-
-    from .mining import topk_values
-
     s = settings or (QUICK if quick else FULL)
     root = Path(data_root or DEFAULT_DATA) / "imagenette2-160"
     if not root.is_dir():

@@ -25,6 +25,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+import interp
+from interp.layout import as_channels_last
+from interp.layout import channels_last as cl_weights
+
 from .common import Candidate, Row, build_torchvision, max_rel_diff, rows_from_times, seeded, time_interleaved
 
 
@@ -78,9 +82,6 @@ def per_layer_passes(model: nn.Module, images: torch.Tensor, layers: list[str], 
 
 def no_grad_forward(model: nn.Module, images: torch.Tensor, batch_size: int, channels_last: bool = False) -> None:
     """A plain inference pass over ``images`` (optionally ``channels_last``): the cost floor of any mining."""
-    from interp._utils import as_channels_last
-    from interp._utils import channels_last as cl_weights
-
     with torch.no_grad(), cl_weights(model, channels_last):
         for s in range(0, len(images), batch_size):
             model(as_channels_last(images[s : s + batch_size], channels_last))
@@ -88,8 +89,6 @@ def no_grad_forward(model: nn.Module, images: torch.Tensor, batch_size: int, cha
 
 def run(device: torch.device, quick: bool = False, settings: Settings | None = None, log=print) -> list[Row]:
     """Run the mining benchmark; return its rows."""
-    import interp
-
     s = settings or (QUICK if quick else FULL)
     model = build_torchvision(s.model, s.seed).to(device)
     layers = list(interp.conv_layers(model))

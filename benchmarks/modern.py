@@ -30,14 +30,17 @@ from pathlib import Path
 
 import torch
 
+import adapters
+import interp
+from interp.data import open_images
+from interp.mine import resolve_layers
+
 DEFAULT_DATA = Path(os.environ.get("CNN_INTERNALS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 MODELS = ("efficientnet_b0", "resnet18")
 TARGET = 1.5
 
 
 def _layers(model, spec: str) -> list[str]:
-    from interp.mine import resolve_layers
-
     return resolve_layers(model, spec)
 
 
@@ -45,10 +48,6 @@ def run(images: int = 50, layers: str = "all-conv", k: int = 9, channels: int = 
         batch_size: int = 64, device: str = "cpu", data_root: Path | None = None, methods=("guided",),
         log=print) -> dict:
     """Time ``visualize`` for both models; return per-model seconds per layer and the ratio."""
-    import adapters
-    import interp
-    from interp.data import open_images
-
     root = Path(data_root or DEFAULT_DATA) / "imagenette2-160"
     if not root.is_dir():
         raise FileNotFoundError(f"Imagenette not found at {root}; pass --data or set CNN_INTERNALS_DATA")

@@ -31,7 +31,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .common import Candidate, Row, build_torchvision, no_inplace_copy, rows_from_times, seeded, time_interleaved
+import interp
+from interp.layers import resolve_layer
+from interp.project import forward_to
+from interp.rules import RuleMode
+
+from . import common
+from .common import (Candidate, Row, build_torchvision, no_inplace_copy, row_rel_diffs, rows_from_times, seeded,
+                     time_interleaved)
 
 # (model, layer) pairs of the full run: early and late layers of the issue's models.
 CASES: tuple[tuple[str, str], ...] = (
@@ -86,9 +93,6 @@ def make_units(model: nn.Module, layer: str, images: torch.Tensor, channels: int
     a dead channel (possible with random weights) projects to all zeros and
     would make every comparison trivially exact.
     """
-    from interp.layers import resolve_layer
-    from interp.project import forward_to
-
     with torch.no_grad():
         out = forward_to(model, resolve_layer(model, layer), images)
     _, n_chan, _, w = out.shape
@@ -152,8 +156,6 @@ def zennit_batched(model: nn.Module, layer: str, images: torch.Tensor, units) ->
 
 def naive_per_unit(model: nn.Module, layer: str, images: torch.Tensor, units, method: str) -> torch.Tensor:
     """The original notebook's loop: a full forward and a backward per unit."""
-    from interp.rules import RuleMode
-
     captured: list[torch.Tensor] = []
     handle = module_at(model, layer).register_forward_hook(lambda m, i, o: captured.append(o))
     rows = []
@@ -173,10 +175,6 @@ def naive_per_unit(model: nn.Module, layer: str, images: torch.Tensor, units, me
 def run_case(model_name: str, layer: str, method: str, device: torch.device, s: Settings,
              zennit: bool = True, model: nn.Module | None = None) -> list[Row]:
     """Time and compare every candidate on one (model, layer, method)."""
-    import interp
-    from . import common
-    from .common import row_rel_diffs
-
     if model is None:
         model = build_torchvision(model_name, s.seed)
     dtype = getattr(torch, s.dtype)

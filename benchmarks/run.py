@@ -24,6 +24,9 @@ from typing import Callable, Sequence
 
 import torch
 
+from . import common, end_to_end, mining, projection, scaling
+from .common import as_json, environment, markdown, setup_device
+
 BENCHMARKS = ("projection", "mining", "e2e", "scaling")
 
 
@@ -93,10 +96,6 @@ def run_suite(args: argparse.Namespace, log: Callable[[str], None] = print,
 
     ``command`` is recorded in the JSON (default: this process's arguments).
     """
-    from . import end_to_end, mining, projection, scaling
-    from . import common
-    from .common import as_json, environment, markdown, setup_device
-
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")

@@ -17,6 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
+import interp
+from interp.layers import resolve_layer
+from interp.project import forward_to
+
 from .common import Row, build_torchvision, median, seeded, sync
 
 
@@ -71,10 +75,6 @@ def _units_for(n: int, out_channels: int, n_images: int, h: int, w: int) -> list
 
 def run(device: torch.device, quick: bool = False, settings: Settings | None = None, log=print) -> list[Row]:
     """Time the two series; return one row per point (the slope in each row's ``extra``)."""
-    import interp
-    from interp.layers import resolve_layer
-    from interp.project import forward_to
-
     s = settings or (QUICK if quick else FULL)
     model = build_torchvision(s.model, s.seed).to(device)
     images = torch.randn(9, 3, s.size, s.size, generator=seeded(s.seed + 3)).to(device)

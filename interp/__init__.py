@@ -25,10 +25,11 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-# Top-k mining, panels and the visualize pipeline (issue 4).
+# Top-k mining, panels and the visualize pipeline (issue 4). ``mine`` and
+# ``visualize`` are the public wrappers (progress, workers, torchrun) of the
+# one-process cores interp.mine.mine_local and interp.draw.visualize.visualize_local.
 from .topk import TopK
-from .mine import mine
 from .draw.panels import panel, panel_tiles
-from .draw.visualize import visualize
+from .api import mine, visualize
 
 __all__ += ["mine", "TopK", "panel", "panel_tiles", "visualize"]

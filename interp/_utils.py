@@ -1,4 +1,4 @@
-"""Private utilities of the engine: leave the user's model as found, write files atomically.
+"""Private utilities of the engine: leave the user's model as found, write files atomically, show progress.
 
 Model state
     Every engine entry point that runs a model goes through :func:`preserved`:
@@ -12,18 +12,23 @@ Files
     folder, which is renamed over the target only once complete, and removed
     on any error. The file gets the usual permissions (0666 less the umask),
     not the 0600 of ``tempfile.mkstemp``.
+Progress
+    The one-process cores (:func:`interp.mine.mine_local`,
+    :func:`interp.draw.visualize.visualize_local`) draw no progress bar; the
+    public wrappers (:mod:`interp.api`, :mod:`interp.sharded`) add one with
+    :func:`progress_bar`, :func:`counted` and :func:`progress_reporter`.
 """
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Callable, Iterator
+from typing import IO, Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 
 class StopForward(Exception):
@@ -74,42 +79,6 @@ def preserved(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]:
             module.training = mode
 
 
-@contextlib.contextmanager
-def channels_last(model: nn.Module, enabled: bool = True) -> Iterator[bool]:
-    """Store the model's 4-D parameters and buffers ``channels_last`` for the block.
-
-    Convolutions in ``channels_last`` run 1.1-1.8x faster than in the default
-    layout on a CPU (oneDNN) and use the tensor cores' native layout on a GPU.
-    Only the storage of ``param.data`` changes, never a value; on exit every
-    parameter and buffer gets back the very tensor it held before (same
-    object, same strides), also when the block raises. Yields whether the
-    layout is on (callers convert their 4-D inputs with
-    :func:`as_channels_last`).
-    """
-    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
-    try:
-        if enabled:
-            for tensor in itertools.chain(model.parameters(), model.buffers()):
-                if tensor.dim() == 4 and not tensor.is_contiguous(memory_format=torch.channels_last):
-                    try:
-                        converted = tensor.data.contiguous(memory_format=torch.channels_last)
-                    except (RuntimeError, NotImplementedError):  # e.g. a layout without strides: keep it
-                        continue
-                    saved.append((tensor, tensor.data))
-                    tensor.data = converted
-        yield enabled
-    finally:
-        for tensor, data in reversed(saved):
-            tensor.data = data
-
-
-def as_channels_last(x: torch.Tensor, enabled: bool = True) -> torch.Tensor:
-    """``x`` in ``channels_last`` layout if it is 4-D and ``enabled`` (values unchanged)."""
-    if enabled and x.dim() == 4:
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
-
-
 def model_device(model: nn.Module, default: torch.device | None = None) -> torch.device:
     """Device of the model's first parameter or buffer (``default`` if none)."""
     for tensor in model.parameters():
@@ -151,3 +120,40 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     with atomic_writer(path, "wb") as fh:
         fh.write(raw)
     return Path(path)
+
+
+# --------------------------------------------------------------------------- progress
+
+
+def progress_bar(total: int | None, desc: str, unit: str, enabled: bool = True) -> tqdm:
+    """A tqdm bar on stderr that disappears when closed; ``enabled=False`` gives a silent one."""
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False, disable=not enabled)
+
+
+def counted(batches: Iterable[Any], bar: tqdm) -> Iterator[Any]:
+    """``batches`` of ``(images, dataset indices)`` (or ``None``) unchanged, ``bar`` moved on by each one's images.
+
+    The bar moves when the next batch is asked for, i.e. once the consumer
+    has processed the previous one, so it counts finished images.
+    """
+    for batch in batches:
+        yield batch
+        if batch is not None:
+            bar.update(len(batch[1]))
+
+
+@contextlib.contextmanager
+def progress_reporter(desc: str, unit: str, enabled: bool = True) -> Iterator[Callable[[int, int], None]]:
+    """Yield ``report(done, total)``: a bar made on the first report (when the total is known), closed on exit."""
+    bars: list[tqdm] = []
+
+    def report(done: int, total: int) -> None:
+        if not bars:
+            bars.append(progress_bar(total, desc, unit, enabled))
+        bars[0].update(max(0, done - bars[0].n))
+
+    try:
+        yield report
+    finally:
+        for bar in bars:
+            bar.close()

@@ -13,6 +13,8 @@ import os
 import re
 import sys
 
+from interp.parallel import told_everyone
+
 # Verb -> module under interp.commands, in the order shown by --help.
 COMMANDS = ["demo", "layers", "rf", "visualize", "gallery", "train", "finetune", "compare", "reproduce", "bench"]
 
@@ -117,8 +119,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         # Under torchrun an error every rank raised together is printed by rank 0 alone.
-        from interp.parallel import told_everyone
-
         if not (told_everyone(exc) and os.environ.get("RANK", "0") != "0"):
             print(error_line(args.command, exc), file=sys.stderr)
         return 2

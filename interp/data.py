@@ -12,12 +12,15 @@ Supported sources (see :func:`open_images`):
   flat folder (``root/*.png``), or any mix: every image below ``root``,
   in sorted relative-path order (the order ``torchvision.datasets.ImageFolder``
   uses);
-* an Imagenette-style root holding ``train/`` and ``val/`` (``split`` picks);
-* a torchvision ``MNIST`` root (the folder holding ``MNIST/raw``);
-* images already in memory (:class:`ArrayImages`).
+* a root holding ``train/`` and ``val/`` folders (Imagenette's layout;
+  ``split`` picks one);
+* a single image file;
+* images already in memory (:class:`ArrayImages`, :class:`TensorImages`).
 
-The engine knows nothing of specific models: the model's ``preprocess``
-callable is passed in by the caller.
+The engine knows nothing of specific models or datasets: the model's
+``preprocess`` callable is passed in by the caller, and a dataset stored in
+another layout (MNIST's idx files) is read by its own reader into an
+:class:`ArrayImages` (the command line does so: ``interp.commands._data``).
 """
 from __future__ import annotations
 
@@ -35,9 +38,10 @@ __all__ = [
     "IndexedImages",
     "FileImages",
     "ArrayImages",
-    "MNISTImages",
     "TensorImages",
+    "NoImagesFound",
     "open_images",
+    "limited",
     "collate_skipping",
     "display_transform",
 ]
@@ -75,6 +79,16 @@ def _default_preprocess(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
+def _is_normalize(step: object) -> bool:
+    """Whether ``step`` is a torchvision ``Normalize`` (v1 or v2, or a subclass).
+
+    Told by the class's name and module, not ``isinstance``: importing
+    torchvision to compare would cost ``import interp`` over a second.
+    """
+    return any(c.__name__ == "Normalize" and c.__module__.startswith("torchvision.transforms")
+               for c in type(step).__mro__)
+
+
 def display_transform(preprocess: Callable | None) -> Callable | None:
     """The model's preprocess without its normalisation step(s).
 
@@ -87,12 +101,7 @@ def display_transform(preprocess: Callable | None) -> Callable | None:
     steps = getattr(preprocess, "transforms", None)
     if not isinstance(steps, (list, tuple)):
         return None
-    try:
-        from torchvision.transforms import Normalize as NormV1
-        from torchvision.transforms.v2 import Normalize as NormV2
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        return None
-    kept = [s for s in steps if not isinstance(s, (NormV1, NormV2))]
+    kept = [s for s in steps if not _is_normalize(s)]
     if len(kept) == len(steps):
         return None
     compose_cls = type(preprocess)
@@ -349,30 +358,6 @@ class TensorImages(IndexedImages):
         return f"{self.name}[{index}]"
 
 
-class MNISTImages(IndexedImages):
-    """A torchvision ``MNIST`` root (never downloads)."""
-
-    def __init__(self, root: str | os.PathLike, train: bool = False, preprocess: Callable | None = None,
-                 mode: str | None = "L"):
-        super().__init__(preprocess, mode, False)
-        from torchvision.datasets import MNIST
-
-        try:
-            self._ds = MNIST(str(root), train=train, download=False)
-        except RuntimeError as exc:
-            raise FileNotFoundError(f"no MNIST data under {root} ({exc})") from exc
-        self.split = "train" if train else "test"
-
-    def __len__(self) -> int:
-        return len(self._ds)
-
-    def _load(self, index: int) -> Image.Image:
-        return Image.fromarray(self._ds.data[index].numpy(), mode="L")
-
-    def describe(self, index: int) -> str:
-        return f"MNIST-{self.split}[{index}]"
-
-
 def collate_skipping(batch: list) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``DataLoader`` collate for :class:`IndexedImages`: drops ``None`` items.
 
@@ -405,8 +390,13 @@ def _list_images(root: Path) -> list[Path]:
     return files
 
 
-def _is_mnist_root(p: Path) -> bool:
-    return (p / "MNIST" / "raw").is_dir() or (p.name == "MNIST" and (p / "raw").is_dir())
+class NoImagesFound(FileNotFoundError):
+    """:func:`open_images` found no image file in a folder (``root``: the folder it looked in)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(f"no images found in {root} (looked for {', '.join(IMAGE_EXTENSIONS)} in the folder "
+                         "and its subfolders)")
+        self.root = root
 
 
 def open_images(
@@ -423,46 +413,35 @@ def open_images(
     Parameters
     ----------
     path:
-        An image folder (ImageFolder layout or flat), an Imagenette root (with
-        ``train/`` and ``val/``), or a torchvision MNIST root.
+        An image folder (ImageFolder layout or flat), a root holding
+        ``train/`` and ``val/`` folders (Imagenette), or one image file.
     preprocess:
         The model's input transform (PIL image -> tensor).
     split:
-        For Imagenette/MNIST roots: ``"train"``, ``"val"`` or ``"test"``
-        (default: ``"val"`` / ``"test"``, the held-out split).
+        For a ``train/`` + ``val/`` root: the folder to read (default
+        ``"val"``, the held-out split); for another folder, a subfolder of
+        that name if there is one.
     mode:
         PIL mode images are converted to (``"RGB"`` for 3-channel models,
         ``"L"`` for 1-channel ones).
     skip_corrupt:
         Skip unreadable images with a warning instead of raising.
     limit:
-        Use only ``limit`` items, spread evenly over the dataset (so an
-        ImageFolder sample covers every class); indices stay those of the
-        full dataset.
+        Use only ``limit`` items (see :func:`limited`).
 
     Returns
     -------
     IndexedImages
+
+    Raises
+    ------
+    FileNotFoundError
+        For a missing path; :class:`NoImagesFound` for a folder without images.
     """
     root = Path(path)
     if not root.exists():
         raise FileNotFoundError(f"data path not found: {root}")
-    ds: IndexedImages
-    if root.is_dir() and _is_mnist_root(root) and root.name != "MNIST" and mode != "L":
-        others = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "MNIST")
-        if others:
-            # e.g. ../shared/data: MNIST next to imagenette2-160; a colour
-            # model most likely meant the other one, so do not guess.
-            raise ValueError(
-                f"{root} holds several datasets (MNIST, {', '.join(others)}); point --data at one of them, "
-                f"e.g. {root / others[0]} or {root / 'MNIST'}"
-            )
-    if root.is_dir() and _is_mnist_root(root):
-        mroot = root.parent if root.name == "MNIST" else root
-        if split not in (None, "train", "test", "val"):
-            raise ValueError(f"unknown split {split!r} for MNIST; use train or test")
-        ds = MNISTImages(mroot, train=split == "train", preprocess=preprocess, mode=mode)
-    elif root.is_dir():
+    if root.is_dir():
         subdirs = {p.name for p in root.iterdir() if p.is_dir()}
         if {"train", "val"} <= subdirs:
             chosen = split or "val"
@@ -471,20 +450,22 @@ def open_images(
             root = root / chosen
         elif split is not None and split in subdirs:
             root = root / split
-        nested = [d for d in sorted(subdirs) if (root / d).is_dir() and _is_mnist_root(root / d)]
         files = _list_images(root)
         if not files:
-            raise FileNotFoundError(
-                f"no images found in {root} (looked for {', '.join(IMAGE_EXTENSIONS)} in the folder "
-                "and its subfolders); point --data at an image folder, an Imagenette root or an MNIST root"
-                + (f" (it holds an MNIST root: {root / nested[0]})" if nested else "")
-            )
-        ds = FileImages(files, preprocess, mode=mode, skip_corrupt=skip_corrupt)
+            raise NoImagesFound(root)
+    elif root.suffix.lower() in IMAGE_EXTENSIONS:
+        files = [root]
     else:
-        if root.suffix.lower() in IMAGE_EXTENSIONS:
-            ds = FileImages([root], preprocess, mode=mode, skip_corrupt=skip_corrupt)
-        else:
-            raise ValueError(f"{root} is not a folder of images, an Imagenette root or an MNIST root")
+        raise ValueError(f"{root} is neither a folder of images nor an image file")
+    return limited(FileImages(files, preprocess, mode=mode, skip_corrupt=skip_corrupt), limit)
+
+
+def limited(ds: IndexedImages, limit: int | None) -> IndexedImages:
+    """``limit`` items of ``ds`` spread evenly over it (so an ImageFolder sample covers every class).
+
+    Indices stay those of the full dataset (:class:`SubsetImages`); ``None``
+    or a limit of at least ``len(ds)``: ``ds`` itself.
+    """
     if limit is not None and limit < len(ds):
         if limit <= 0:
             raise ValueError(f"--limit must be positive, got {limit}")

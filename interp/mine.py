@@ -1,31 +1,42 @@
-"""Top-k mining: which images make each channel fire most, in one pass.
+"""Top-k mining, in one process: which images make each channel fire most, in one pass.
 
-:func:`mine` runs the data through the model once, with a forward hook on
-each requested layer. For each image and requested channel the hook takes the
-maximum over positions (and its first row-major argmax) *on the device*, then
-merges those ``B`` candidates into a running top-k. Full activation maps are
-never stored, so memory is O(layers x channels x k) whatever the dataset size.
+:func:`mine_local` runs the data through the model once, with a forward hook
+on each requested layer. For each image and requested channel the hook takes
+the maximum over positions (and its first row-major argmax) *on the device*,
+then merges those ``B`` candidates into a running top-k. Full activation
+maps are never stored, so memory is O(layers x channels x k) whatever the
+dataset size.
+
+This module is the one-process core; it draws no progress bar and knows no
+process group. The public :func:`interp.mine` (:func:`interp.api.mine`) adds
+a progress bar and DataLoader workers, and under torchrun shares the pass
+among the ranks (:func:`interp.sharded.mine_sharded`), with the same stages:
+:func:`plan`, :func:`scan` (one pass over some batches), :class:`Scan`
+(merged over ranks, then turned into a :class:`TopK`).
 """
 from __future__ import annotations
 
 import math
 import warnings
 from contextlib import contextmanager
-from typing import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from . import parallel as dist
-from ._utils import as_channels_last, preserved
-from ._utils import channels_last as _channels_last
+from ._utils import preserved
 from .capture import LayerTaps
+from .data import IndexedImages, collate_skipping
 from .layers import block_layers, children_layers, conv_layers, layer_kind, resolve_layer
 from .layer_fields import collected_notes, layer_fields
+from .layout import as_channels_last, channels_last as channels_last_layout
 from .topk import Entry, LayerInfo, TopK
 
-__all__ = ["mine", "resolve_layers", "iter_batches", "first_image", "eval_mode", "on_device",
-           "collected_notes", "layer_fields"]
+__all__ = ["mine_local", "plan", "scan", "check_sizes", "MinePlan", "Scan", "Running", "resolve_layers", "iter_batches",
+           "first_image", "eval_mode", "on_device", "collected_notes", "layer_fields"]
+
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 DEFAULT_CHANNELS = 6
 
@@ -119,7 +130,7 @@ def on_device(model: nn.Module, device: str | torch.device | None) -> Iterator[t
             model.to(home)
 
 
-class _Running:
+class Running:
     """Running top-k of one layer (tensors on the mining device)."""
 
     def __init__(self, name: str, channels: list[int] | None, k: int):
@@ -199,7 +210,7 @@ class _Running:
                 "vals": self.vals.cpu(), "idx": self.idx.cpu(), "pos": self.pos.cpu()}
 
     @classmethod
-    def merged(cls, name: str, k: int, states: list[dict | None]) -> "_Running":
+    def merged(cls, name: str, k: int, states: list[dict | None]) -> "Running":
         """The top-k of the union of several ranks' top-k.
 
         Each rank holds the exact top-k of its own images under the total
@@ -228,15 +239,15 @@ class _Running:
         return out
 
 
-def iter_batches(data, batch_size: int, num_workers: int,
-             positions: range | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor] | None]:
+def iter_batches(data, batch_size: int, num_workers: int = 0,
+                 positions: range | None = None) -> Iterator[Batch | None]:
     """Yield ``(images, dataset_indices)`` batches from any supported data.
 
     ``positions`` restricts the pass to those items (a rank's shard); the
-    indices yielded stay those of the whole dataset.
+    indices yielded stay those of the whole dataset. ``num_workers``
+    ``DataLoader`` processes decode ahead (datasets only). A batch whose
+    items were all skipped (unreadable) is ``None``.
     """
-    from .data import IndexedImages, collate_skipping
-
     if isinstance(data, torch.Tensor):
         if data.ndim != 4:
             raise ValueError(f"image tensor must be N x C x H x W, got shape {tuple(data.shape)}")
@@ -253,16 +264,18 @@ def iter_batches(data, batch_size: int, num_workers: int,
         return
     # A plain Dataset: the first element of an item is the image, and the
     # dataset index is the item's position (a label is not an index).
-    def first(batch):
-        xs = [b[0] if isinstance(b, (tuple, list)) else b for b in batch]
-        return torch.stack([x if isinstance(x, torch.Tensor) else torch.as_tensor(x) for x in xs])
-
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers, collate_fn=first)
+                                         num_workers=num_workers, collate_fn=_first_of_items)
     start = positions.start if positions is not None else 0
     for xs in loader:
         yield xs, torch.arange(start, start + len(xs))
         start += len(xs)
+
+
+def _first_of_items(batch: list) -> torch.Tensor:
+    """Collate of a plain dataset: the images (first element of each item), stacked."""
+    xs = [b[0] if isinstance(b, (tuple, list)) else b for b in batch]
+    return torch.stack([x if isinstance(x, torch.Tensor) else torch.as_tensor(x) for x in xs])
 
 
 def first_image(data) -> torch.Tensor | None:
@@ -282,7 +295,115 @@ def first_image(data) -> torch.Tensor | None:
         return None
 
 
-def mine(
+def check_sizes(k: int, batch_size: int) -> None:
+    """``ValueError`` unless ``k`` (images per channel) and ``batch_size`` are at least 1."""
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+
+
+@dataclass
+class MinePlan:
+    """What one mining pass records: canonical layer names, their channels, ``k``, and the taps."""
+
+    names: list[str]
+    channels: dict[str, list[int] | None]  # None: the first 6, decided from the layer's output
+    k: int
+    taps: LayerTaps
+
+
+def plan(model: nn.Module, data, layers: str | Sequence[str],
+         channels: Sequence[int] | Mapping[str, Sequence[int]] | None = None, k: int = 9,
+         batch_size: int = 64) -> MinePlan:
+    """Check the arguments of a mining pass and resolve its layers and channels (see :func:`mine_local`)."""
+    check_sizes(k, batch_size)
+    names = resolve_layers(model, layers, example=lambda: first_image(data))
+    taps = LayerTaps(model, names)
+    return MinePlan(names, _channel_plan(model, names, channels), k, taps)
+
+
+@dataclass
+class Scan:
+    """What a pass over some images leaves: each layer's running top-k, and what the images were like."""
+
+    todo: MinePlan
+    running: dict[str, Running]
+    n_images: int = 0
+    input_size: tuple[int, int] | None = None
+    in_channels: int | None = None
+
+    def state(self) -> dict:
+        """Everything another process needs to merge this scan (plain values and CPU tensors)."""
+        return {"n_images": self.n_images, "input_size": self.input_size, "in_channels": self.in_channels,
+                "states": {n: r.state() for n, r in self.running.items()}}
+
+    @classmethod
+    def merged(cls, todo: MinePlan, states: list[dict]) -> "Scan":
+        """The scan of all images from the :meth:`state` of scans of disjoint parts (e.g. one per rank).
+
+        Equal to one scan of every image: see :meth:`Running.merged`.
+        """
+        seen = [st for st in states if st["input_size"] is not None]
+        first = seen[0] if seen else {"input_size": None, "in_channels": None}
+        return cls(todo, {n: Running.merged(n, todo.k, [st["states"][n] for st in states]) for n in todo.names},
+                   sum(st["n_images"] for st in states), first["input_size"], first["in_channels"])
+
+    def require_images(self) -> "Scan":
+        """This scan, or ``ValueError`` when it saw no image."""
+        if self.n_images == 0:
+            raise ValueError("no images to mine: the dataset is empty (or every image was skipped)")
+        return self
+
+    def fields(self, model: nn.Module) -> dict[str, dict]:
+        """Each layer's receptive field and notes (:func:`layer_fields`) at the size of the images seen.
+
+        Each engine warning is raised once per layer here too (``visualize``
+        collects them as notes instead).
+        """
+        caught: list = []
+        fields = layer_fields(model, self.todo.names, self.input_size, self.in_channels, caught)
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return fields
+
+    def topk(self, model: nn.Module, model_id: str | None, fields: Mapping[str, dict],
+             path_of: Callable[[int], str | None] | None = None) -> TopK:
+        """The :class:`TopK` of this scan, with each layer's ``fields`` (may be empty) and file paths."""
+        try:
+            conv_order = list(conv_layers(model))
+        except Exception:  # noqa: BLE001 - numbering is cosmetic; never fail mining over it
+            conv_order = []
+        result = TopK(model_id=model_id, k=self.todo.k, n_images=self.n_images, input_size=self.input_size)
+        for n in self.todo.names:
+            _add_layer(result, model, self.running[n], fields.get(n), path_of, conv_order)
+        return result
+
+
+def scan(model: nn.Module, todo: MinePlan, batches: Iterable[Batch | None],
+         device: str | torch.device | None = None, channels_last: bool = True) -> Scan:
+    """One pass of ``model`` over ``batches`` (see :func:`iter_batches`), recording ``todo``'s layers."""
+    seen = Scan(todo, {n: Running(n, todo.channels.get(n), todo.k) for n in todo.names})
+    current: dict[str, torch.Tensor] = {}
+
+    def sink(name: str, output) -> None:
+        seen.running[name].update(output, current["index"])
+
+    with eval_mode(model), on_device(model, device) as dev, channels_last_layout(model, channels_last), \
+            torch.no_grad(), todo.taps.attached(sink) as run:
+        for batch in batches:
+            if batch is None:  # every item of the batch was skipped
+                continue
+            xs, idx = batch
+            if seen.input_size is None:
+                seen.input_size, seen.in_channels = (int(xs.shape[-2]), int(xs.shape[-1])), int(xs.shape[1])
+            current["index"] = idx
+            run(as_channels_last(xs.to(dev), channels_last))
+            seen.n_images += len(idx)
+    return seen
+
+
+def mine_local(
     model: nn.Module,
     data,
     layers: str | Sequence[str],
@@ -292,162 +413,32 @@ def mine(
     device: str | torch.device | None = None,
     *,
     model_id: str | None = None,
-    num_workers: int = 0,
-    progress: bool = True,
     receptive_fields: bool = True,
-    distributed: bool | None = None,
     channels_last: bool = True,
+    batches: Iterable[Batch | None] | None = None,
 ) -> TopK:
-    """Find the top-``k`` images per channel of several layers in one pass.
+    """:func:`interp.mine` in this process alone, without a progress bar: the core every caller shares.
 
     Parameters
     ----------
-    model:
-        Any ``torch.nn.Module``. It is left as it was: hooks are removed and
-        every module's train/eval flag restored even if an error is raised;
-        if ``device`` differs from where it lives it is moved there for the
-        pass and moved back.
-    data:
-        An :class:`interp.data.IndexedImages` (items ``(tensor, index)``), a
-        ``N x C x H x W`` tensor, or any dataset whose items are images or
-        ``(image, label)`` tuples (then the index is the item's position).
-    layers:
-        Layer names (see :func:`interp.layers`: modules, traced functional
-        nodes such as ``"layer1.0.add"``), a comma-separated string, or the
-        selectors ``"all-conv"``, ``"all-blocks"``, ``"children:NAME"`` (see
-        :func:`resolve_layers`). Every layer must output ``N x C x H x W``.
-    channels:
-        Channels to mine, for every layer or as ``{layer: channels}``.
-        ``None`` (default) means the first 6 (``range(6)``), or all of a layer
-        that has fewer.
-    k:
-        Images kept per channel.
-    batch_size:
-        Images per forward pass.
-    device:
-        Where to run; default: the model's device.
-    model_id:
-        Stored in the result (and its JSON).
-    num_workers:
-        ``DataLoader`` workers for decoding images.
-    progress:
-        Show a tqdm bar (images/s) on stderr.
-    receptive_fields:
-        Also compute each layer's receptive field (for boxes and panels).
-    distributed:
-        Split the pass over the ranks of the initialised ``torch.distributed``
-        process group (every rank must call :func:`mine` with the same
-        arguments). ``None`` (default): when one with more than one process
-        is initialised; ``False``: mine all of ``data`` in this process alone.
-    channels_last:
-        Run the pass in ``torch.channels_last`` memory format (the model's
-        4-D weights are stored that way for the pass and given back
-        unchanged): 1.06-1.8x faster forwards on a CPU (measured: ResNet-18
-        1.15x, GoogLeNet 1.6x, MobileNet v2 1.8x). Values agree with the
-        model's own layout to float rounding (~1e-6 relative), so two
-        near-equal activations may swap ranks. ``False``: the model's layout.
+    model, data, layers, channels, k, batch_size, device, model_id, receptive_fields, channels_last:
+        As for :func:`interp.mine` (:func:`interp.api.mine`).
+    batches:
+        The ``(images, dataset indices)`` batches of ``data`` to mine
+        (default: :func:`iter_batches` of all of it, decoded in this
+        process). A caller passes its own to decode in worker processes, to
+        count images on a progress bar, or to mine a part of the data.
 
     Returns
     -------
     TopK
-        Per layer and channel at most ``k`` entries, one per image at most
-        (its strongest position, the first in row-major order on ties),
-        ordered by value descending; equal values keep the lower dataset index
-        first.
-
-    Notes
-    -----
-    One forward pass per batch serves every layer (:class:`interp.capture.LayerTaps`):
-    forward hooks when all layers are modules, the model's fx graph run on
-    the model's own modules when one is a traced functional node. The pass is
-    cut short as soon as every requested layer has produced its output. A
-    module called several times per forward is recorded at its first call.
-
-    ``LayerInfo.notes`` holds what the receptive-field analysis said about
-    each layer (its :class:`interp.notices.EngineWarning` messages and the
-    field's ``notes``), once per layer; each of those warnings is also
-    raised once (on rank 0 under torchrun).
-
-    Distributed (under ``torchrun``, see :mod:`interp.parallel`): each rank mines
-    a contiguous block of whole batches (the batches one process would form;
-    nothing padded or repeated), the per-rank top-k are gathered and merged
-    under the same order, and every rank returns the same :class:`TopK`,
-    equal to the single-process one (``n_images`` counts all ranks). An error
-    on one rank is raised on every rank.
+        As :func:`interp.mine`; it never looks for a process group.
     """
-    if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
-    if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, got {batch_size}")
-    names = resolve_layers(model, layers, example=lambda: first_image(data))
-    taps = LayerTaps(model, names)
-    chan_of = _channel_plan(model, names, channels)
-    running = {n: _Running(n, chan_of.get(n), k) for n in names}
-    current: dict[str, torch.Tensor] = {}
-
-    def sink(name: str, output) -> None:
-        running[name].update(output, current["index"])
-
-    from tqdm.auto import tqdm
-
-    spread, total, positions = _shard(model, data, batch_size, distributed)
-
-    def mine_here() -> dict:
-        """One pass over this process's images; returns what the merge needs."""
-        n_images = 0
-        input_size: tuple[int, int] | None = None
-        in_channels: int | None = None
-        with eval_mode(model), on_device(model, device) as dev, _channels_last(model, channels_last), \
-                torch.no_grad(), taps.attached(sink) as run, \
-                tqdm(total=len(positions) if spread else total, unit="img", dynamic_ncols=True, leave=False,
-                     desc=f"mining {len(names)} layer(s)" + (f" (rank 0 of {dist.world()[1]})" if spread else ""),
-                     disable=not progress or (spread and not dist.is_main())) as bar:
-            for batch in iter_batches(data, batch_size, num_workers, positions):
-                if batch is None:  # every item of the batch was skipped
-                    continue
-                xs, idx = batch
-                if input_size is None:
-                    input_size = (int(xs.shape[-2]), int(xs.shape[-1]))
-                    in_channels = int(xs.shape[1])
-                current["index"] = idx
-                run(as_channels_last(xs.to(dev), channels_last))
-                n_images += len(idx)
-                bar.update(len(idx))
-        return {"n_images": n_images, "input_size": input_size, "in_channels": in_channels}
-
-    if spread:
-        # Each rank's top-k travels as CPU tensors; every rank merges them alike.
-        parts = dist.collect(lambda: {**mine_here(), "states": {n: running[n].state() for n in names}})
-        with_data = [p for p in parts if p["input_size"] is not None]
-        n_images = sum(p["n_images"] for p in parts)
-        input_size = with_data[0]["input_size"] if with_data else None
-        in_channels = with_data[0]["in_channels"] if with_data else None
-        running = {n: _Running.merged(n, k, [p["states"][n] for p in parts]) for n in names}
-    else:
-        part = mine_here()
-        n_images, input_size, in_channels = part["n_images"], part["input_size"], part["in_channels"]
-    if n_images == 0:
-        raise ValueError("no images to mine: the dataset is empty (or every image was skipped)")
-
-    fields: dict = {}
-    if receptive_fields:
-        # Under torchrun rank 0 traces once and the others get its plain dicts
-        # (notes included), so every rank returns the same TopK.
-        if not spread or dist.is_main():
-            caught: list = []
-            fields = layer_fields(model, names, input_size, in_channels, caught)
-            for w in caught:  # said once per layer here too (visualize keeps them as notes instead)
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        if spread:
-            fields = dist.broadcast(fields)
-    try:
-        conv_order = list(conv_layers(model))
-    except Exception:  # noqa: BLE001 - numbering is cosmetic; never fail mining over it
-        conv_order = []
-    result = TopK(model_id=model_id, k=k, n_images=n_images, input_size=input_size)
-    for n in names:
-        _add_layer(result, model, running[n], fields.get(n), getattr(data, "path", None), conv_order)
-    return result
+    todo = plan(model, data, layers, channels, k, batch_size)
+    seen = scan(model, todo, iter_batches(data, batch_size) if batches is None else batches, device, channels_last)
+    seen.require_images()
+    fields = seen.fields(model) if receptive_fields else {}
+    return seen.topk(model, model_id, fields, getattr(data, "path", None))
 
 
 def _channel_plan(model: nn.Module, names: list[str],
@@ -466,27 +457,7 @@ def _channel_plan(model: nn.Module, names: list[str],
     return chan_of
 
 
-def _shard(model: nn.Module, data, batch_size: int, distributed: bool | None) -> tuple[bool, int | None, range | None]:
-    """``(spread over ranks?, number of items or None, this rank's positions or None)``."""
-    spread = dist.active() if distributed is None else bool(distributed)
-    if spread and not dist.active():
-        raise ValueError("distributed=True needs an initialised torch.distributed process group with more than "
-                         "one process: start the script with torchrun (see interp.parallel.init_from_env)")
-    try:
-        total = len(data)
-    except TypeError:
-        total = None
-    positions = None
-    if spread:
-        if total is None:
-            raise ValueError(f"distributed mining splits the data by position, so it needs a length; "
-                             f"{type(data).__name__} has none (pass a Dataset or a tensor)")
-        positions = dist.shard_blocks(total, batch_size)
-        dist.check_same_module(model)  # results of different models would merge silently
-    return spread, total, positions
-
-
-def _add_layer(result: TopK, model: nn.Module, r: _Running, field: dict | None, path_of,
+def _add_layer(result: TopK, model: nn.Module, r: Running, field: dict | None, path_of,
                conv_order: list[str]) -> None:
     """Put one mined layer (its :class:`LayerInfo` and entries) into ``result``."""
     n = r.name

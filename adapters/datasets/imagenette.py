@@ -34,18 +34,28 @@ else ``$XDG_CACHE_HOME/cnn-internals``, else ``~/.cache/cnn-internals``, and
 ``<key>`` is a hash of the training files' names and sizes, the resolution and
 the ``limit``: a changed data folder gets new statistics, an unchanged one is
 never read twice.
+
+The models never call this: the statistics of the full ``imagenette2-160``
+training split ship in the package (:func:`adapters.preprocess.imagenette_stats`),
+so loading a model reads no dataset. :class:`DatasetStats` is defined in
+:mod:`adapters.preprocess` and re-exported here.
 """
 from __future__ import annotations
 
 import hashlib
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from ..checkpoint import atomic_save
+from ..preprocess import DatasetStats, imagenet_stats
 
 __all__ = [
     "Imagenette",
@@ -153,8 +163,6 @@ def _stratified(per_class: list[list[Path]], limit: int) -> list[list[Path]]:
 
 def load_rgb(path: str) -> Any:
     """Open an image file as RGB (242 of the Imagenette images are greyscale)."""
-    from PIL import Image
-
     with open(path, "rb") as fh:
         img = Image.open(fh)
         return img.convert("RGB")  # 242 of the images are greyscale
@@ -255,73 +263,6 @@ class Imagenette(Dataset):
         return f"Imagenette(split={self.split!r}, images={len(self)}, classes={len(self.classes)}, root={str(self.image_root)!r})"
 
 
-@dataclass(frozen=True)
-class DatasetStats:
-    """Statistics of a training split (RGB values in [0, 1]).
-
-    Attributes
-    ----------
-    mean, std:
-        Per-channel mean and standard deviation, shape ``3``.
-    eigvals:
-        Eigenvalues of the 3x3 RGB covariance, descending, shape ``3``.
-    eigvecs:
-        ``3x3``; column ``i`` is the unit eigenvector of ``eigvals[i]``, its
-        largest-magnitude entry made positive (a deterministic sign).
-    mean_image:
-        Per-pixel mean, ``3 x size x size``.
-    size:
-        Side at which the images were measured.
-    n_images:
-        Number of images averaged.
-    key:
-        Fingerprint of the data, resolution and limit (the cache key).
-    """
-
-    mean: torch.Tensor
-    std: torch.Tensor
-    eigvals: torch.Tensor
-    eigvecs: torch.Tensor
-    mean_image: torch.Tensor
-    size: int
-    n_images: int
-    key: str
-
-    def to_dict(self) -> dict[str, Any]:
-        """Tensors and plain values only (``torch.load(weights_only=True)``-safe)."""
-        return {
-            "format": "cnn-internals-imagenette-stats/1",
-            "mean": self.mean,
-            "std": self.std,
-            "eigvals": self.eigvals,
-            "eigvecs": self.eigvecs,
-            "mean_image": self.mean_image,
-            "size": self.size,
-            "n_images": self.n_images,
-            "key": self.key,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DatasetStats":
-        """Inverse of :meth:`to_dict`."""
-        if d.get("format") != "cnn-internals-imagenette-stats/1":
-            raise ValueError(f"not an Imagenette statistics record (format {d.get('format')!r})")
-        return cls(
-            mean=d["mean"], std=d["std"], eigvals=d["eigvals"], eigvecs=d["eigvecs"],
-            mean_image=d["mean_image"], size=int(d["size"]), n_images=int(d["n_images"]), key=str(d["key"]),
-        )
-
-    def mean_image_at(self, size: int) -> torch.Tensor:
-        """The mean image resized to ``size x size`` (bilinear, as the images are)."""
-        if size == self.size:
-            return self.mean_image.clone()
-        import torch.nn.functional as F
-
-        return F.interpolate(
-            self.mean_image[None], size=(size, size), mode="bilinear", align_corners=False, antialias=size < self.size
-        )[0]
-
-
 def compute_stats(dataset: Imagenette, size: int = STATS_SIZE, progress: bool = False) -> DatasetStats:
     """Measure :class:`DatasetStats` over every image of ``dataset`` (its ``transform`` is ignored).
 
@@ -337,9 +278,6 @@ def compute_stats(dataset: Imagenette, size: int = STATS_SIZE, progress: bool = 
     progress:
         Show a tqdm bar.
     """
-    import numpy as np
-    from PIL import Image
-
     n = len(dataset)
     if n == 0:
         raise ValueError("cannot compute statistics of an empty dataset")
@@ -350,8 +288,6 @@ def compute_stats(dataset: Imagenette, size: int = STATS_SIZE, progress: bool = 
     pixels = 0
     items = range(n)
     if progress:
-        from tqdm.auto import tqdm
-
         items = tqdm(items, desc="Imagenette statistics", unit="img")
     for i in items:
         img = load_rgb(dataset.samples[i][0])
@@ -407,8 +343,6 @@ def dataset_stats(
     -------
     DatasetStats
     """
-    from ..checkpoint import atomic_save
-
     train = Imagenette(root, "train", limit=limit)
     key = hashlib.sha256(f"{train.fingerprint()}|size={size}|limit={limit}".encode()).hexdigest()[:16]
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -425,23 +359,5 @@ def dataset_stats(
 
 
 def fallback_stats(size: int = STATS_SIZE) -> DatasetStats:
-    """ImageNet statistics, for building a preprocess where Imagenette is absent.
-
-    Mean/std are the usual ImageNet values; the PCA values are the ones
-    published with fb.resnet.torch's lighting augmentation; the mean image is
-    flat (the mean colour everywhere), which is what the ImageNet mean image
-    is close to.
-    """
-    mean = torch.tensor([0.485, 0.456, 0.406])
-    return DatasetStats(
-        mean=mean,
-        std=torch.tensor([0.229, 0.224, 0.225]),
-        eigvals=torch.tensor([0.2175, 0.0188, 0.0045]),
-        eigvecs=torch.tensor(
-            [[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]]
-        ),
-        mean_image=mean[:, None, None].expand(3, size, size).clone(),
-        size=size,
-        n_images=0,
-        key="imagenet-fallback",
-    )
+    """ImageNet statistics, where Imagenette is absent: :func:`adapters.preprocess.imagenet_stats`."""
+    return imagenet_stats(size)

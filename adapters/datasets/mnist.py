@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
+from torchvision.datasets import MNIST
 
 __all__ = ["DEFAULT_DATA_ROOT", "MNIST_SAMPLE", "NATURAL_IMAGES", "mnist", "mnist_sample", "MnistSample"]
 
@@ -36,7 +38,7 @@ def mnist(
     root: str | os.PathLike | None = None,
     train: bool = True,
     transform: Callable | None = None,
-):
+) -> MNIST:
     """The torchvision MNIST dataset read from ``root`` (never downloaded).
 
     Parameters
@@ -57,8 +59,6 @@ def mnist(
     FileNotFoundError
         If the idx files are not under ``root/MNIST/raw/``.
     """
-    from torchvision.datasets import MNIST
-
     root = Path(root) if root is not None else DEFAULT_DATA_ROOT
     raw = root / "MNIST" / "raw"
     missing = [name for name in _MNIST_FILES[train] if not (raw / name).is_file()]
@@ -101,9 +101,7 @@ class MnistSample(Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, index: int):
-        from PIL import Image
-
+    def __getitem__(self, index: int) -> tuple[Any, int]:
         image = Image.fromarray(self.data[index].numpy())  # 2-D uint8 -> mode "L"
         if self.transform is not None:
             image = self.transform(image)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import inspect
 import os
 import sys
 import traceback
@@ -18,6 +17,7 @@ from typing import Callable
 import torch
 
 import adapters
+from adapters.checkpoint import load_state_dict
 
 MODEL_HELP = (
     "a built-in name (see `cnn-internals layers --list`), torchvision:NAME, "
@@ -123,23 +123,19 @@ class LoadedModel:
         return bool(self.weights.get("random"))
 
 
-def load_model(spec: str, weights: str | None = None,
-               data: str | os.PathLike | None = None) -> tuple[torch.nn.Module, Callable | None, str]:
+def load_model(spec: str, weights: str | None = None) -> tuple[torch.nn.Module, Callable | None, str]:
     """Return ``(model, preprocess, model_id)`` for a CLI model spec (see :func:`load_model_info`)."""
-    loaded = load_model_info(spec, weights, data, provenance=False)
+    loaded = load_model_info(spec, weights, provenance=False)
     return loaded.model, loaded.preprocess, loaded.model_id
 
 
-def load_model_info(spec: str, weights: str | None = None, data: str | os.PathLike | None = None,
-                    provenance: bool = True) -> LoadedModel:
+def load_model_info(spec: str, weights: str | None = None, provenance: bool = True) -> LoadedModel:
     """Load a CLI model spec, with the provenance of its weights.
 
     ``provenance=False`` leaves ``weights`` empty: no SHA-256 of a large
     checkpoint for a command that records nothing (``layers``, ``rf``).
-
-    ``data`` is the command's ``--data``: a built-in adapter whose preprocess
-    uses training-set statistics (the Imagenette models) takes them from
-    there, not from the default data location.
+    Loading never reads a dataset: the built-in models' preprocessing
+    statistics ship with :mod:`adapters`.
 
     The model is built under a fixed seed (:data:`SEED`) with the global RNG
     state restored afterwards, so a model without weights has the same random
@@ -148,7 +144,7 @@ def load_model_info(spec: str, weights: str | None = None, data: str | os.PathLi
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        loaded = _load_model(spec, weights, data)
+        loaded = _load_model(spec, weights)
     if provenance:
         loaded.weights = _provenance(spec, weights)
     if loaded.random:
@@ -163,20 +159,14 @@ def announce_weights(spec: str, loaded: LoadedModel, stream=None) -> None:
               "checkpoint) to see what trained weights learnt", file=stream or sys.stderr)
 
 
-def _load_model(spec: str, weights: str | None, data) -> LoadedModel:
+def _load_model(spec: str, weights: str | None) -> LoadedModel:
     if _is_file_spec(spec):
         model, preprocess = _from_file(spec)
         if weights:
-            from adapters.checkpoint import load_state_dict
-
             model.load_state_dict(load_state_dict(weights))
         model.eval()
         return LoadedModel(model, preprocess, Path(spec.rpartition(":")[0]).stem)
-    kwargs = {}
-    if data is not None and not spec.startswith(("torchvision:", "timm:")) and _takes_data_root(spec) \
-            and _has_imagenette_train(data):
-        kwargs["data_root"] = data
-    model, preprocess = adapters.load(spec, weights=weights, **kwargs)
+    model, preprocess = adapters.load(spec, weights=weights)
     model_id = spec.replace(":", "-").replace(os.sep, "-")
     return LoadedModel(model, preprocess, model_id)
 
@@ -191,23 +181,3 @@ def _provenance(spec: str, weights: str | None) -> dict:
 
 def _is_file_spec(spec: str) -> bool:
     return ".py:" in spec and not spec.startswith(("torchvision:", "timm:"))
-
-
-def _takes_data_root(spec: str) -> bool:
-    """Whether the built-in adapter ``spec``'s loader accepts ``data_root``."""
-    try:
-        loader = adapters.loader(spec)
-    except Exception:  # noqa: BLE001 - unknown names fail with their own message in adapters.load
-        return False
-    return "data_root" in inspect.signature(loader).parameters
-
-
-def _has_imagenette_train(data: str | os.PathLike) -> bool:
-    """Whether ``data`` holds an Imagenette train split (else the adapter's default location is used)."""
-    from adapters.datasets.imagenette import find_split_dir
-
-    try:
-        find_split_dir(data, "train")
-    except (FileNotFoundError, ValueError):
-        return False
-    return True

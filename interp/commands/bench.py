@@ -9,15 +9,14 @@ The suite lives in the ``benchmarks`` package of a source checkout.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import sys
 from pathlib import Path
 
 
 def _suite():
     """The ``benchmarks.run`` module, with a clear error outside a source checkout."""
-    import importlib
-    import sys
-
     try:
         return importlib.import_module("benchmarks.run")
     except ModuleNotFoundError as exc:
@@ -48,8 +47,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the suite; 1 when a result differs from ours by more than the tolerance."""
     suite = _suite()
-    import sys
-
     code, doc, _ = suite.run_suite(args, log=lambda m: print(m, flush=True),
                                    command="cnn-internals " + " ".join(sys.argv[1:]))
     if getattr(args, "json", None):

@@ -13,7 +13,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from interp.draw.compare import compare
+
+from ._data import open_images
 from ._models import MODEL_HELP, add_offline_flag, announce_weights, load_model_info
+from .visualize import input_mode, parse_channels, report_notes
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -49,16 +53,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from interp.draw.compare import compare
-    from interp.data import open_images
-
-    from .visualize import input_mode, parse_channels, report_notes
-
     if args.top < 1:
         raise ValueError(f"--top must be at least 1, got {args.top}")
     if args.grid < 0:
         raise ValueError(f"--grid must be 0 (full maps) or positive, got {args.grid}")
-    loaded = [load_model_info(spec, weights, args.data)
+    loaded = [load_model_info(spec, weights)
               for spec, weights in ((args.model_a, args.weights_a), (args.model_b, args.weights_b))]
     for spec, one in zip((args.model_a, args.model_b), loaded):
         announce_weights(spec, one)  # a random model compared with a trained one says little

@@ -19,10 +19,9 @@ from pathlib import Path
 import adapters
 from adapters.datasets import NATURAL_IMAGES, mnist_sample
 
+from interp.api import mine, visualize
 from interp.data import ArrayImages, open_images
 from interp.layers import resolve_layer
-from interp.mine import mine
-from interp.draw.visualize import visualize
 
 from .visualize import add_common, report, report_notes
 

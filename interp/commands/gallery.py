@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from interp.draw.gallery import load_manifest, write_gallery
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("gallery", help="write DIR/index.html for a visualize output folder",
@@ -17,8 +19,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from interp.draw.gallery import load_manifest, write_gallery
-
     path = write_gallery(args.dir)
     manifest = load_manifest(args.dir)
     n = sum(len(ch["tiles"]) for layer in manifest["layers"] for ch in layer["channels"])

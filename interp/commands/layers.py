@@ -14,6 +14,7 @@ import sys
 import torch
 from torch import nn
 
+import adapters
 import interp
 from interp.capture import LayerTaps
 from interp.layers import block_layers, layer_kind
@@ -123,8 +124,6 @@ def print_table(rows: list[dict], stream=None) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.list or args.model is None:
-        import adapters
-
         names = adapters.names()
         print(json.dumps(names) if args.json else "\n".join(names))
         return 0

@@ -7,6 +7,7 @@ import sys
 import warnings
 
 from interp.notices import EngineWarning
+from interp.rf import receptive_fields
 
 from ._models import MODEL_HELP, add_offline_flag, load_model
 
@@ -45,8 +46,6 @@ def check_input_size(values: list[int] | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from interp.rf import receptive_fields
-
     check_input_size(args.input_size)
     model, _, _ = load_model(args.model, args.weights)
     if args.input_size:

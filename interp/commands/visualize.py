@@ -20,13 +20,16 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 from torchvision.transforms import v2 as T
 
+import interp
 from interp import parallel as dist
-from interp.data import open_images
+from interp.api import visualize
+from interp.draw.visualize import METHODS, prepare_out_dir
 from interp.topk import TopK
-from interp.draw.visualize import METHODS, prepare_out_dir, visualize
 
+from ._data import DATA_HELP, open_images
 from ._models import MODEL_HELP, add_offline_flag, announce_weights, load_model_info
 
 
@@ -64,8 +67,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("visualize", help="top-k panels per layer, topk.json and an HTML gallery",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help=MODEL_HELP)
-    p.add_argument("--data", required=True,
-                   help="image folder (ImageFolder layout or flat), Imagenette root (train/ val/) or MNIST root")
+    p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--weights", help="checkpoint to load (.pt/.pth/.safetensors)")
     p.add_argument("--layers", default="all-conv",
                    help="comma-separated layer names (any layer of `cnn-internals layers MODEL` with a feature-map "
@@ -95,9 +97,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def input_mode(model) -> str | None:
     """PIL mode matching the model's first conv: "L" for 1 channel, "RGB" for 3."""
-    import interp
-    from torch import nn
-
     modules = dict(model.named_modules())
     for name in interp.conv_layers(model):
         m = modules[name]
@@ -190,7 +189,7 @@ def _run(args: argparse.Namespace, out: Path, started: float) -> int:
     # process would (the model loads there).
     want = (args.device or "cpu") if dist.launched() else args.device
     with dist.process_group(want) as device:
-        loaded = load_model_info(args.model, args.weights, args.data)
+        loaded = load_model_info(args.model, args.weights)
         if dist.is_main():
             announce_weights(args.model, loaded)
         model = loaded.model

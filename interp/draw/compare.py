@@ -31,15 +31,18 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
+from PIL import Image, ImageDraw
 from torch import nn
 
+from ..api import visualize
+from ..capture import LayerTaps
+from ..data import IndexedImages
+from ..mine import eval_mode, iter_batches, on_device, resolve_layers
+from .._utils import counted, progress_bar, write_atomic
 from .cka import cka_matrix, gram_linear
 from .panels import encode_figure, font
-from ..data import IndexedImages
-from ..capture import LayerTaps
-from ..mine import eval_mode, iter_batches, on_device, resolve_layers
-from .._utils import write_atomic
-from .visualize import slug, visualize
+from .visualize import VisualizeResult, slug
 
 __all__ = ["compare", "CompareResult", "layer_grams", "side_by_side"]
 
@@ -94,8 +97,6 @@ def layer_grams(
         One ``n x n`` float64 Gram matrix per layer, and the dataset indices of
         the ``n`` rows (unreadable images skipped by the data are absent).
     """
-    from tqdm.auto import tqdm
-
     feats: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     taps = LayerTaps(model, layers)
 
@@ -108,24 +109,20 @@ def layer_grams(
         feats[name].append(t.reshape(t.shape[0], -1).float().cpu())
 
     indices: list[int] = []
-    with eval_mode(model), on_device(model, device) as dev, torch.no_grad(), taps.attached(keep) as run:
-        total = len(data) if hasattr(data, "__len__") else None
-        bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False)
-        for batch in iter_batches(data, batch_size, 0):
+    total = len(data) if hasattr(data, "__len__") else None
+    with eval_mode(model), on_device(model, device) as dev, torch.no_grad(), taps.attached(keep) as run, \
+            progress_bar(total, desc, "img", progress) as bar:
+        for batch in counted(iter_batches(data, batch_size), bar):
             if batch is None:
                 continue
             xs, idx = batch
             run(xs.to(dev))  # stops after the deepest layer
             indices.extend(int(i) for i in idx)
-            bar.update(len(xs))
-        bar.close()
     return [gram_linear(torch.cat(feats[n])) for n in layers], indices
 
 
 def side_by_side(left: Path, right: Path, left_title: str, right_title: str, gap: int = 16) -> np.ndarray:
     """Two panel images next to each other on white, each under its title, as ``H x W x 3`` uint8."""
-    from PIL import Image, ImageDraw
-
     a, b = Image.open(left).convert("RGB"), Image.open(right).convert("RGB")
     fnt = font(16)
     head = 28
@@ -141,17 +138,16 @@ def side_by_side(left: Path, right: Path, left_title: str, right_title: str, gap
 
 
 def _heatmap_png(cka: torch.Tensor, layers_a: list[str], layers_b: list[str], id_a: str, id_b: str, n: int) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """The CKA matrix as a PNG heatmap, rows A's layers, columns B's."""
     m = cka.numpy()
     # Up to 12 x 12 cells each cell carries its number; larger maps (e.g. every conv of
     # two MobileNets) are drawn denser, without numbers, so that they stay legible.
     dense = max(len(layers_a), len(layers_b)) > 12
     cell_w, cell_h = (0.32, 0.3) if dense else (0.9, 0.7)
-    fig, ax = plt.subplots(figsize=(max(3.6, 2.4 + cell_w * len(layers_b)), 2.0 + cell_h * len(layers_a)), dpi=100 if dense else 120)
+    # A Figure of its own (no pyplot): the same Agg pixels, and the user's pyplot backend and figures untouched.
+    fig = Figure(figsize=(max(3.6, 2.4 + cell_w * len(layers_b)), 2.0 + cell_h * len(layers_a)),
+                 dpi=100 if dense else 120)
+    ax = fig.subplots()
     im = ax.imshow(m, vmin=0, vmax=1, cmap="magma")
     tick = 7 if dense else None
     ax.set_xticks(range(len(layers_b)), layers_b, rotation=90 if dense else 45, ha="center" if dense else "right",
@@ -170,7 +166,6 @@ def _heatmap_png(cka: torch.Tensor, layers_a: list[str], layers_b: list[str], id
     buf = io.BytesIO()
     # bbox "tight": the three-line title must not be cut off at the top of a wide map.
     fig.savefig(buf, format="png", bbox_inches="tight", pad_inches=0.1)
-    plt.close(fig)
     return buf.getvalue()
 
 
@@ -227,6 +222,46 @@ def compare(
     """
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
+    _check_same_images(data_a, data_b)
+    names_a = resolve_layers(model_a, layers_a)
+    names_b = resolve_layers(model_b, layers_b if layers_b is not None else layers_a)
+    cka_a = names_a if cka_layers_a is None else resolve_layers(model_a, cka_layers_a)
+    if cka_layers_b is not None:
+        cka_b = resolve_layers(model_b, cka_layers_b)
+    else:
+        cka_b = names_b if cka_layers_a is None else resolve_layers(model_b, cka_layers_a)
+    sides = (("a", model_a, data_a, names_a, cka_a, id_a), ("b", model_b, data_b, names_b, cka_b, id_b))
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    vis_a, vis_b = (visualize(model, data, out_dir / f"{side}-{slug(mid)}", names, channels=channels, k=k,
+                              methods=methods, model_id=mid, batch_size=batch_size, device=device, progress=progress)
+                    for side, model, data, names, _, mid in sides)
+    timings["visualize"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    (grams_a, idx_a), (grams_b, idx_b) = (
+        layer_grams(model, data, names, grid=grid, batch_size=batch_size, device=device, progress=progress,
+                    desc=f"CKA features {mid}") for _, model, data, _, names, mid in sides)
+    cka, n_images = _cka_on_common_images(grams_a, idx_a, grams_b, idx_b)
+    timings["cka"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    result = CompareResult(out_dir=out_dir, layers_a=names_a, layers_b=names_b, cka=cka, n_images=n_images,
+                           cka_layers_a=cka_a, cka_layers_b=cka_b,
+                           notes={**{f"A {n}": v for n, v in vis_a.notes.items()},
+                                  **{f"B {n}": v for n, v in vis_b.notes.items()}})
+    _write_side_by_side(result, vis_a, vis_b, methods, id_a, id_b)
+    result.heatmap_path = write_atomic(out_dir / "cka.png", _heatmap_png(cka, cka_a, cka_b, id_a, id_b, n_images))
+    result.json_path = write_atomic(out_dir / "compare.json", json.dumps(_summary(result, id_a, id_b, grid), indent=1) + "\n")
+    timings["drawing"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+    result.timings = timings
+    return result
+
+
+def _check_same_images(data_a: IndexedImages, data_b: IndexedImages) -> None:
+    """``ValueError`` unless the two datasets hold the same items (checked on file paths where known)."""
     if len(data_a) != len(data_b):
         raise ValueError(f"the two models must see the same images: {len(data_a)} vs {len(data_b)} items")
     # A --limit subset keeps the full dataset's indices (SubsetImages.indices).
@@ -238,27 +273,11 @@ def compare(
         pa, pb = data_a.path(i), data_b.path(i)
         if pa != pb:
             raise ValueError(f"the two datasets differ at item {i} ({pa} vs {pb}); open the same folder for both")
-    names_a = resolve_layers(model_a, layers_a)
-    names_b = resolve_layers(model_b, layers_b if layers_b is not None else layers_a)
-    cka_a = names_a if cka_layers_a is None else resolve_layers(model_a, cka_layers_a)
-    if cka_layers_b is not None:
-        cka_b = resolve_layers(model_b, cka_layers_b)
-    else:
-        cka_b = names_b if cka_layers_a is None else resolve_layers(model_b, cka_layers_a)
-    timings: dict[str, float] = {}
 
-    t0 = time.perf_counter()
-    vis_a = visualize(model_a, data_a, out_dir / f"a-{slug(id_a)}", names_a, channels=channels, k=k,
-                      methods=methods, model_id=id_a, batch_size=batch_size, device=device, progress=progress)
-    vis_b = visualize(model_b, data_b, out_dir / f"b-{slug(id_b)}", names_b, channels=channels, k=k,
-                      methods=methods, model_id=id_b, batch_size=batch_size, device=device, progress=progress)
-    timings["visualize"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    grams_a, idx_a = layer_grams(model_a, data_a, cka_a, grid=grid, batch_size=batch_size, device=device,
-                                 progress=progress, desc=f"CKA features {id_a}")
-    grams_b, idx_b = layer_grams(model_b, data_b, cka_b, grid=grid, batch_size=batch_size, device=device,
-                                 progress=progress, desc=f"CKA features {id_b}")
+def _cka_on_common_images(grams_a: list[torch.Tensor], idx_a: list[int], grams_b: list[torch.Tensor],
+                          idx_b: list[int]) -> tuple[torch.Tensor, int]:
+    """The CKA matrix over the images both sides read, and their number."""
     if idx_a != idx_b:
         # Unreadable images skipped on one side only: keep the images both saw.
         common = sorted(set(idx_a) & set(idx_b))
@@ -267,35 +286,34 @@ def compare(
         grams_a = [g[ra][:, ra] for g in grams_a]
         grams_b = [g[rb][:, rb] for g in grams_b]
         idx_a = common
-    cka = cka_matrix(grams_a, grams_b)
-    timings["cka"] = time.perf_counter() - t0
+    return cka_matrix(grams_a, grams_b), len(idx_a)
 
-    t0 = time.perf_counter()
-    result = CompareResult(out_dir=out_dir, layers_a=names_a, layers_b=names_b, cka=cka, n_images=len(idx_a),
-                           cka_layers_a=cka_a, cka_layers_b=cka_b,
-                           notes={**{f"A {n}": v for n, v in vis_a.notes.items()},
-                                  **{f"B {n}": v for n, v in vis_b.notes.items()}})
-    for la, lb in zip(names_a, names_b):
+
+def _write_side_by_side(result: CompareResult, vis_a: VisualizeResult, vis_b: VisualizeResult,
+                        methods: Sequence[str], id_a: str, id_b: str) -> None:
+    """One side-by-side panel per paired layer and method, into ``result.out_dir`` and ``result.panels``."""
+    for la, lb in zip(result.layers_a, result.layers_b):
         for method in methods:
             fig = side_by_side(vis_a.panels[(la, method)], vis_b.panels[(lb, method)],
                                f"{id_a} {la}", f"{id_b} {lb}")
-            path = out_dir / f"compare_{slug(la)}_vs_{slug(lb)}_{method}.png"
+            path = result.out_dir / f"compare_{slug(la)}_vs_{slug(lb)}_{method}.png"
             write_atomic(path, encode_figure(fig, "png"))
             result.panels[(la, lb, method)] = path
-    result.heatmap_path = write_atomic(out_dir / "cka.png", _heatmap_png(cka, cka_a, cka_b, id_a, id_b, len(idx_a)))
-    summary = {
+
+
+def _summary(result: CompareResult, id_a: str, id_b: str, grid: int) -> dict:
+    """What ``compare.json`` holds."""
+    out_dir = result.out_dir
+    return {
         "format": "cnn-internals.compare/1",
-        "a": {"model_id": id_a, "layers": names_a, "gallery": str((out_dir / f"a-{slug(id_a)}" / "index.html").relative_to(out_dir))},
-        "b": {"model_id": id_b, "layers": names_b, "gallery": str((out_dir / f"b-{slug(id_b)}" / "index.html").relative_to(out_dir))},
-        "n_images": len(idx_a),
-        "cka": {"kind": "linear", "pool_grid": grid, "rows": cka_a, "cols": cka_b,
-                "values": [[round(float(v), 6) for v in row] for row in cka]},
+        "a": {"model_id": id_a, "layers": result.layers_a,
+              "gallery": str((out_dir / f"a-{slug(id_a)}" / "index.html").relative_to(out_dir))},
+        "b": {"model_id": id_b, "layers": result.layers_b,
+              "gallery": str((out_dir / f"b-{slug(id_b)}" / "index.html").relative_to(out_dir))},
+        "n_images": result.n_images,
+        "cka": {"kind": "linear", "pool_grid": grid, "rows": result.cka_layers_a, "cols": result.cka_layers_b,
+                "values": [[round(float(v), 6) for v in row] for row in result.cka]},
         "channels": "same channel indices on both sides (not matched)",
         "panels": [{"a": la, "b": lb, "method": m, "file": p.name} for (la, lb, m), p in result.panels.items()],
         "heatmap": "cka.png",
     }
-    result.json_path = write_atomic(out_dir / "compare.json", json.dumps(summary, indent=1) + "\n")
-    timings["drawing"] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - t_start
-    result.timings = timings
-    return result

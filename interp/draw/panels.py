@@ -21,6 +21,7 @@ normalised each tile, which lets a few extreme pixels flatten the rest to grey.
 """
 from __future__ import annotations
 
+import importlib.util
 import io
 import math
 import os
@@ -283,9 +284,10 @@ def panel_tiles(
 def font(size: int) -> ImageFont.ImageFont:
     """DejaVu Sans at ``size`` px (matplotlib's copy), or Pillow's built-in font."""
     try:
-        import matplotlib
-
-        path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+        # matplotlib.get_data_path() is the package's mpl-data folder; found
+        # without importing matplotlib, which would cost every `import interp`.
+        package = Path(importlib.util.find_spec("matplotlib").origin).parent
+        path = package / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
         return ImageFont.truetype(str(path), size)
     except Exception:  # any Pillow has a built-in font; looks plainer, still legible
         return ImageFont.load_default()

@@ -1,29 +1,30 @@
-"""The whole job: mine once, project, draw panels, write the gallery.
+"""The whole job in one process: mine once, project, draw panels, write the gallery.
 
-:func:`visualize` is what ``cnn-internals visualize`` and ``cnn-internals
-demo`` run. For a model and an :class:`interp.data.IndexedImages` it
+:func:`visualize_local` is the one-process core of :func:`interp.visualize`
+(:func:`interp.api.visualize`, what ``cnn-internals visualize`` and
+``cnn-internals demo`` run). For a model and an
+:class:`interp.data.IndexedImages` it
 
 1. mines the top-k images of the requested channels of every layer in one
-   pass (:func:`interp.mine`), unless a saved :class:`TopK` is given;
+   pass (:func:`interp.mine`), unless a saved :class:`TopK` is given, and
+   writes ``topk.json`` at once (:func:`prepare`);
 2. per layer, projects all its top-k units back to pixels, one
-   :func:`interp.project` call per method (batched inside);
-3. draws one seed-style panel per layer and method
-   (``<model>_<layer>_<method>.png``), and writes the tiles the gallery shows;
-4. writes ``topk.json``, ``gallery.json`` and ``index.html``.
+   :func:`interp.project` call per method (batched inside), and draws one
+   seed-style panel per layer and method (``<model>_<layer>_<method>.png``)
+   and the tiles the gallery shows (:class:`Jobs`);
+3. writes the panels, ``topk.json``, ``gallery.json`` and ``index.html``
+   (:class:`Writer`).
 
 It returns the files written and the time spent mining / projecting /
-drawing, so a caller can see where the time goes.
-
-Under ``torchrun`` (a ``torch.distributed`` process group) the ranks share
-the work: mining by images, then projecting and drawing by (layer, method)
-jobs; rank 0 writes every file. A job is the very :func:`interp.project`
-call one process makes (splitting a layer's units would change the crop
-size :func:`interp.project` picks for them, and with it the last bits of the
-gradients), so the output files are byte-identical to a single-process run.
+drawing, so a caller can see where the time goes. The same three stages
+serve :func:`interp.sharded.visualize_sharded`, which shares them among the
+ranks of a torchrun job; this module knows no process group and draws no
+progress bar (the caller passes ``mine`` and ``report`` for that).
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import threading
@@ -31,24 +32,27 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from .. import parallel as dist
-from ..data import IndexedImages
-from ..mine import collected_notes, eval_mode, first_image, mine, on_device, resolve_layers
-from .gallery import encode_tile
+from ..data import IndexedImages, TensorImages
+from ..mine import collected_notes, eval_mode, first_image, mine_local, on_device, resolve_layers
+from ..project import project
+from .gallery import encode_tile, write_gallery
 from .panels import encode_figure, panel_tiles, render_panel
 from .._utils import write_atomic
 from ..topk import TopK
 
-__all__ = ["visualize", "VisualizeResult", "METHODS", "slug", "prepare_out_dir"]
+__all__ = ["visualize_local", "VisualizeResult", "METHODS", "slug", "prepare_out_dir", "prepare", "Prepared",
+           "Jobs", "Writer", "as_images", "check_methods"]
 
 METHODS = ("guided", "deconvnet", "gradient")
+
+#: ``mine(data, names) -> TopK``: how :func:`prepare` mines (the caller's choice of process(es) and progress).
+MineNames = Callable[[IndexedImages, list], TopK]
 
 
 def slug(text: str) -> str:
@@ -100,10 +104,80 @@ def prepare_out_dir(out_dir: str | os.PathLike) -> Path:
     return out_dir
 
 
-def visualize(
+def as_images(data: IndexedImages | torch.Tensor) -> IndexedImages:
+    """``data`` as an :class:`IndexedImages` (a tensor of model inputs becomes :class:`TensorImages`)."""
+    if isinstance(data, torch.Tensor):
+        data = TensorImages(data)
+    if not isinstance(data, IndexedImages):
+        raise TypeError(
+            "visualize needs an interp.data dataset (open_images(path, preprocess), ArrayImages, TensorImages) "
+            f"or an N x C x H x W tensor, got {type(data).__name__}"
+        )
+    return data
+
+
+def check_methods(methods: Sequence[str]) -> list[str]:
+    """The projection methods asked for, each once, in order; ``ValueError`` for an unknown one."""
+    methods = list(dict.fromkeys(methods))
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise ValueError(f"unknown method(s) {bad or methods}; choose from {', '.join(METHODS)}")
+    return methods
+
+
+@dataclass
+class Prepared:
+    """A visualize run once its top-k is known: what the projection and drawing stages work on."""
+
+    model: nn.Module
+    data: IndexedImages
+    out_dir: Path
+    names: list[str]  # canonical layer names, in the order asked
+    methods: list[str]
+    topk: TopK
+    model_id: str
+    started: float  # time.perf_counter() at the start, for timings["total"]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def jobs(self) -> list[tuple[str, str]]:
+        """The ``(layer, method)`` jobs, layer by layer."""
+        return [(name, method) for name in self.names for method in self.methods]
+
+
+def prepare(model: nn.Module, data: IndexedImages | torch.Tensor, out_dir: str | os.PathLike,
+            layers: str | Sequence[str], *, methods: Sequence[str], model_id: str, topk: TopK | None,
+            weights_info: dict | None, mine: MineNames, save: bool = True) -> Prepared:
+    """Check the arguments, create ``out_dir``, then mine with ``mine(data, names)`` or take ``topk``.
+
+    A fresh mining result is written to ``out_dir/topk.json`` at once
+    (when ``save``: one process of several writes), before any projection.
+    """
+    started = time.perf_counter()
+    data, methods = as_images(data), check_methods(methods)
+    created = not Path(out_dir).exists()
+    out_dir = prepare_out_dir(out_dir)  # before mining: a folder we cannot write fails at once
+    timings = {"mining": 0.0, "loading": 0.0, "projection": 0.0, "drawing": 0.0}
+    if topk is None:
+        names = resolve_layers(model, layers, example=lambda: first_image(data))
+        t0 = time.perf_counter()
+        topk = _mine_and_keep(mine, data, names, out_dir, created, weights_info, save)
+        timings["mining"] = time.perf_counter() - t0
+    else:
+        names = (list(topk.layers) if layers == "all-conv"
+                 else resolve_layers(model, layers, example=lambda: first_image(data)))
+        for n in names:
+            topk.layer(n)  # clear error for a layer the file does not hold
+        if topk.model_id and model_id == "model":
+            model_id = topk.model_id
+        if weights_info is not None:
+            topk.weights = dict(weights_info)
+    return Prepared(model, data, out_dir, names, methods, topk, model_id, started, timings)
+
+
+def visualize_local(
     model: nn.Module,
-    data: IndexedImages,
-    out_dir: str | Path,
+    data: IndexedImages | torch.Tensor,
+    out_dir: str | os.PathLike,
     layers: str | Sequence[str] = "all-conv",
     *,
     channels: Sequence[int] | None = None,
@@ -114,149 +188,52 @@ def visualize(
     project_batch_size: int | None = None,
     device: str | torch.device | None = None,
     topk: TopK | None = None,
-    progress: bool = True,
     web: str | None = None,
     num_workers: int = 0,
-    distributed: bool | None = None,
     weights_info: dict | None = None,
+    mine: Callable[..., TopK] = mine_local,
+    report: Callable[[int, int], None] | None = None,
 ) -> VisualizeResult:
-    """Mine, project and draw panels plus an HTML gallery into ``out_dir``.
+    """:func:`interp.visualize` in this process alone: mine, project, draw and write into ``out_dir``.
 
     Parameters
     ----------
-    model:
-        Any ``torch.nn.Module`` (left exactly as it was).
-    data:
-        The images, with the model's preprocessing (:func:`interp.data.open_images`,
-        :class:`interp.data.ArrayImages`), or an ``N x C x H x W`` tensor of
-        model inputs (then shown min-max rescaled).
-    out_dir:
-        Output folder (created).
-    layers:
-        Layer names (any layer of :func:`interp.layers` with an ``N x C x H x W``
-        output: convs, activations, blocks, traced nodes like ``"layer1.0.add"``),
-        a comma-separated string, or the selectors ``"all-conv"``,
-        ``"all-blocks"``, ``"children:NAME"`` (:func:`interp.mine.resolve_layers`).
-    channels, k, batch_size, device, num_workers:
-        As for :func:`interp.mine` (``channels=None``: the first 6). The
-        ``num_workers`` processes also decode each layer's top images ahead
-        of its projection.
-    methods:
-        Projection methods: ``"guided"``, ``"deconvnet"``, ``"gradient"``.
-    model_id:
-        Used in file names and titles.
-    project_batch_size:
-        Units per projection pass (default: the engine's).
-    topk:
-        A saved mining result (:meth:`TopK.load`): skips mining and redraws.
-    web:
-        Also write each panel as ``"webp"`` or ``"jpg"``.
-    distributed:
-        Share the work among the ranks of the initialised ``torch.distributed``
-        process group (every rank calls :func:`visualize` alike); ``None``
-        (default): when one with more than one process is initialised. Mining
-        is split by images (:func:`interp.mine`); projecting and drawing by
-        (layer, method) jobs, handed out costliest first, each one the same
-        :func:`interp.project` call a single process makes, so the files are
-        identical to a single-process run. Only rank 0 writes; every rank
-        returns the same paths.
-    weights_info:
-        Where the model's weights came from, a JSON-ready dict such as
-        ``{"name": ..., "file": ..., "sha256": ...}`` or
-        ``{"random": True, "seed": 0}``: recorded as ``"weights"`` in
-        ``topk.json`` and ``gallery.json`` and shown in the gallery header.
-        ``None`` (default): the one a given ``topk`` holds, else unrecorded.
+    model, data, out_dir, layers, channels, k, methods, model_id, batch_size, project_batch_size:
+        As for :func:`interp.visualize` (:func:`interp.api.visualize`).
+    device, topk, web, num_workers, weights_info:
+        As for :func:`interp.visualize`.
+    mine:
+        The mining function, called like :func:`interp.mine.mine_local`
+        ``(model, data, names, channels=, k=, batch_size=, device=, model_id=)``
+        (default: that one, without progress bar); the public wrapper passes
+        :func:`interp.mine` with its progress bar and workers.
+    report:
+        Told ``(panel jobs done, panel jobs in all)`` after each job (a
+        progress bar); default: nothing.
 
     Returns
     -------
     VisualizeResult
-        Files written and ``timings`` with ``mining``, ``projection``,
-        ``drawing`` and ``total`` seconds (under torchrun: ``projection`` and
-        ``drawing`` are the busiest rank's, the others wall-clock).
-
-    Notes
-    -----
-    ``topk.json`` is written as soon as mining ends, before any projection:
-    when a later stage fails or is interrupted, the mining result stays in
-    the folder and ``topk=TopK.load(out_dir / "topk.json")`` resumes from it.
-
-    Every :class:`interp.notices.EngineWarning` raised for a layer (its
-    receptive field while mining, its projections) is collected for that
-    layer instead of being printed, de-duplicated, and returned in
-    ``notes``, written to ``gallery.json`` (``"notes"`` per layer) and shown
-    on the gallery page; under torchrun each job's notes travel to rank 0
-    with its files.
     """
-    from ..data import TensorImages
+    def mine_names(images: IndexedImages, names: list[str]) -> TopK:
+        return mine(model, images, names, channels=channels, k=k, batch_size=batch_size, device=device,
+                    model_id=model_id)
 
-    if isinstance(data, torch.Tensor):
-        data = TensorImages(data)
-    if not isinstance(data, IndexedImages):
-        raise TypeError(
-            "visualize needs an interp.data dataset (open_images(path, preprocess), ArrayImages, TensorImages) "
-            f"or an N x C x H x W tensor, got {type(data).__name__}"
-        )
-    spread = dist.active() if distributed is None else bool(distributed)
-    if spread and not dist.active():
-        raise ValueError("distributed=True needs an initialised torch.distributed process group with more than "
-                         "one process: start the script with torchrun (see interp.parallel.init_from_env)")
-
-    t_start = time.perf_counter()
-    methods = list(dict.fromkeys(methods))
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        raise ValueError(f"unknown method(s) {bad or methods}; choose from {', '.join(METHODS)}")
-    created = not Path(out_dir).exists()
-    out_dir = prepare_out_dir(out_dir)  # before mining: a folder we cannot write fails at once
-    timings = {"mining": 0.0, "loading": 0.0, "projection": 0.0, "drawing": 0.0}
-
-    if topk is None:
-        names = resolve_layers(model, layers, example=lambda: first_image(data))
-        t0 = time.perf_counter()
-        topk = _mine_and_keep(model, data, names, out_dir, created, weights_info,
-                              dict(channels=channels, k=k, batch_size=batch_size, device=device, model_id=model_id,
-                                   progress=progress, num_workers=num_workers, distributed=spread))
-        timings["mining"] = time.perf_counter() - t0
-    else:
-        names = (list(topk.layers) if layers == "all-conv"
-                 else resolve_layers(model, layers, example=lambda: first_image(data)))
-        for n in names:
-            topk.layer(n)  # clear error for a layer the file does not hold
-        if topk.model_id and model_id == "model":
-            model_id = topk.model_id
-        if spread:
-            dist.check_same_module(model)  # (mine checks it otherwise)
-        if weights_info is not None:
-            topk.weights = dict(weights_info)
-
-    writer = _Writer(out_dir, model_id, topk, names, methods)
-    jobs = [(name, method) for name in names for method in methods]
-    if spread:
-        # Costliest first so that the last jobs handed out are short: deeper
-        # layers run more of the network per unit and on larger crops.
-        depth = {n: (topk.layer(n).number or 0, i) for i, n in enumerate(names)}
-        jobs.sort(key=lambda j: depth[j[0]], reverse=True)
-    run_jobs = _Jobs(model, data, topk, jobs, methods, spread, device, progress, num_workers,
-                     project_batch_size, web).run
-
-    if not spread:
-        timings.update(run_jobs(writer.add))  # each job's files are written as it finishes
-        t0 = time.perf_counter()
-        writer.finish()
-        timings["drawing"] += time.perf_counter() - t0
-    else:
-        timings.update(_run_spread(run_jobs, writer, jobs))
-    timings["total"] = time.perf_counter() - t_start
-    return VisualizeResult(
-        out_dir=out_dir, topk=topk, panels={(n, m): writer.panel_path(n, m) for n in names for m in methods},
-        topk_path=out_dir / "topk.json", index_path=out_dir / "index.html", timings=timings,
-        notes={n: writer.notes_of(n) for n in names if writer.notes_of(n)},
-    )
+    run = prepare(model, data, out_dir, layers, methods=methods, model_id=model_id, topk=topk,
+                  weights_info=weights_info, mine=mine_names)
+    writer = Writer(run)
+    jobs = Jobs(run, run.jobs(), device, project_batch_size, web, num_workers)
+    # Each job's files are written as it finishes; the layers come in the order asked.
+    run.timings.update(jobs.run(writer.add, range(len(jobs.jobs)), in_order=True, report=report))
+    t0 = time.perf_counter()
+    writer.finish()
+    run.timings["drawing"] += time.perf_counter() - t0
+    return writer.result(run.timings)
 
 
-def _mine_and_keep(model: nn.Module, data: IndexedImages, names: list[str], out_dir: Path, created: bool,
-                   weights_info: dict | None, mine_kwargs: dict) -> TopK:
-    """Mine ``names`` and write ``out_dir/topk.json`` at once (rank 0), before any projection.
+def _mine_and_keep(mine: MineNames, data: IndexedImages, names: list[str], out_dir: Path, created: bool,
+                   weights_info: dict | None, save: bool) -> TopK:
+    """Mine ``names`` and write ``out_dir/topk.json`` at once (when ``save``), before any projection.
 
     The file survives whatever fails or is interrupted later, so the mining
     pass (the long part) need not be run again. A folder this call created
@@ -264,7 +241,7 @@ def _mine_and_keep(model: nn.Module, data: IndexedImages, names: list[str], out_
     """
     try:
         with collected_notes():  # its engine warnings are in LayerInfo.notes: said once, per layer, from there
-            topk = mine(model, data, names, **mine_kwargs)
+            topk = mine(data, names)
     except BaseException:
         if created:
             with contextlib.suppress(OSError):  # (not empty: someone else's files; leave it)
@@ -272,80 +249,47 @@ def _mine_and_keep(model: nn.Module, data: IndexedImages, names: list[str], out_
         raise
     if weights_info is not None:
         topk.weights = dict(weights_info)
-    if dist.is_main():
+    if save:
         topk.save(out_dir / "topk.json")
     return topk
 
 
-def _run_spread(run_jobs, writer: "_Writer", jobs: list[tuple[str, str]]) -> dict[str, float]:
-    """Run this rank's jobs; rank 0 gathers every rank's (bytes and notes) and writes them all.
-
-    Returns the timings: the busiest rank's loading, projection and drawing.
-    """
-    done_here: list[dict] = []
-    # Rank 0 receives every rank's finished jobs (bytes) and their timings.
-    parts = dist.collect(lambda: (done_here, run_jobs(done_here.append)), dst=0)
-    done_here.clear()
-
-    def write_here() -> dict[str, float]:
-        if not dist.is_main():
-            return {}
-        t0 = time.perf_counter()
-        got = sorted((job["name"], job["method"]) for jobs_of_rank, _ in parts for job in jobs_of_rank)
-        if got != sorted(jobs):  # each job exactly once, or the gallery would be wrong
-            raise RuntimeError(f"internal error: the ranks returned {len(got)} panel jobs for {len(jobs)}")
-        for jobs_of_rank, _ in parts:
-            for job in jobs_of_rank:
-                writer.add(job)
-        writer.finish()
-        return {"loading": max(spent["loading"] for _, spent in parts),
-                "projection": max(spent["projection"] for _, spent in parts),
-                "drawing": max(spent["drawing"] for _, spent in parts) + time.perf_counter() - t0}
-
-    # Every rank waits for rank 0's writing and fails with it, so no rank
-    # leaves (and tears the process group down) while files are written.
-    return dist.collect(write_here)[0]
-
-
 @dataclass
-class _Jobs:
-    """The (layer, method) jobs of one :func:`visualize` call, and how to run this rank's share."""
+class Jobs:
+    """The ``(layer, method)`` jobs of one visualize run, and how to run some of them in this process."""
 
-    model: nn.Module
-    data: IndexedImages
-    topk: TopK
+    prepared: Prepared
     jobs: list[tuple[str, str]]
-    methods: list[str]
-    spread: bool
-    device: str | torch.device | None
-    progress: bool
-    num_workers: int
-    project_batch_size: int | None
-    web: str | None
+    device: str | torch.device | None = None
+    project_batch_size: int | None = None
+    web: str | None = None
+    num_workers: int = 0
 
-    def run(self, done) -> dict:
-        """This rank's share of the jobs; ``done(job)`` receives each result, in job order.
+    def run(self, done: Callable[[dict], None], indices: Iterable[int], in_order: bool,
+            report: Callable[[int, int], None] | None = None) -> dict[str, float]:
+        """Run the jobs ``indices`` picks; ``done(job)`` receives each result, in the order run.
 
         Projection runs here; drawing and encoding run in a few threads
         (PIL and zlib release the GIL), so a layer's panel is drawn while the
-        next layer is projected. ``drawing`` is the wall time not spent loading
-        or projecting, so the timings still add up to the total.
+        next layer is projected. ``in_order``: ``indices`` is every job in
+        order, so worker processes can decode the layers' images ahead.
+        ``report(j + 1, len(jobs))`` follows job ``j``. Returns the seconds
+        spent ``loading``, in ``projection`` and ``drawing`` (the wall time
+        not spent loading or projecting, so the timings add up to the total).
         """
+        run = self.prepared
         spent = {"loading": 0.0, "projection": 0.0, "drawing": 0.0}
-        encoded: set[int] = set()  # input images this rank has already encoded
+        encoded: set[int] = set()  # input images this process has already encoded
         lock = threading.Lock()  # guards ``encoded``: each input's bytes go with exactly one job
         loaded: tuple = (None, None)  # (layer, its images): reused by the layer's next method
         pending: list = []
         workers = _draw_threads()
         t_loop = time.perf_counter()
-        # Under torchrun the next job is whatever the queue hands out; alone the layer order is known.
-        order = None if self.spread else list(dict.fromkeys(name for name, _ in self.jobs))
-        with eval_mode(self.model), on_device(self.model, self.device) as dev, \
-                tqdm(total=len(self.jobs), desc="projecting + drawing", unit="panel", leave=False,
-                     disable=not self.progress or (self.spread and not dist.is_main())) as bar, \
+        order = list(dict.fromkeys(name for name, _ in self.jobs)) if in_order else None
+        with eval_mode(run.model), on_device(run.model, self.device) as dev, \
                 ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cnn-internals-draw") as pool, \
-                _LayerFeed(self.data, self.topk, order, dev, self.num_workers) as feed:
-            for j in dist.work_queue(len(self.jobs)) if self.spread else range(len(self.jobs)):
+                _LayerFeed(run.data, run.topk, order, dev, self.num_workers) as feed:
+            for j in indices:
                 name, method = self.jobs[j]
                 if loaded[0] != name:
                     t0 = time.perf_counter()
@@ -354,16 +298,17 @@ class _Jobs:
                 xs, units, raws = loaded[1]
                 t0 = time.perf_counter()
                 with collected_notes() as notes:
-                    proj = _project_job(self.model, xs, name, units, method, self.project_batch_size)
+                    proj = project(run.model, xs, name, units, method=method,
+                                   batch_size=self.project_batch_size).cpu()
                 spent["projection"] += time.perf_counter() - t0
-                pending.append(pool.submit(_render_job, self.data, self.topk, name, method, proj, raws,
-                                           tiles_too=method == self.methods[0], encoded=encoded, lock=lock,
+                pending.append(pool.submit(_render_job, run.data, run.topk, name, method, proj, raws,
+                                           tiles_too=method == run.methods[0], encoded=encoded, lock=lock,
                                            web=self.web, notes=notes))
                 # Hand finished jobs over in order; keep at most a few panels in flight (memory).
                 while pending and (pending[0].done() or len(pending) > 2 * workers):
                     done(pending.pop(0).result())
-                # Jobs handed out so far, over all ranks (rank 0 does only some of them).
-                bar.update(max(0, j + 1 - bar.n))
+                if report is not None:
+                    report(j + 1, len(self.jobs))
             while pending:
                 done(pending.pop(0).result())
         spent["drawing"] = time.perf_counter() - t_loop - spent["loading"] - spent["projection"]
@@ -452,14 +397,6 @@ def _draw_threads() -> int:
     return max(1, min(4, (os.cpu_count() or 1) // 2))
 
 
-def _project_job(model: nn.Module, xs: torch.Tensor, name: str, units, method: str,
-                 project_batch_size: int | None) -> torch.Tensor:
-    """One layer's units projected with one method, on the CPU (ready for drawing)."""
-    from ..project import project
-
-    return project(model, xs, name, units, method=method, batch_size=project_batch_size).cpu()
-
-
 def _render_job(data: IndexedImages, topk: TopK, name: str, method: str, proj: torch.Tensor, raws: dict, *,
                 tiles_too: bool, encoded: set[int], lock: threading.Lock, web: str | None,
                 notes: list[str] | None = None) -> dict:
@@ -496,12 +433,13 @@ def _render_job(data: IndexedImages, topk: TopK, name: str, method: str, proj: t
     return job
 
 
-class _Writer:
+class Writer:
     """Writes finished jobs into the output folder, then ``topk.json``, ``gallery.json``, ``index.html``."""
 
-    def __init__(self, out_dir: Path, model_id: str, topk: TopK, names: list[str], methods: list[str]):
-        self.out_dir, self.model_id, self.topk = out_dir, model_id, topk
-        self.names, self.methods = names, methods
+    def __init__(self, run: Prepared):
+        self.run = run
+        self.out_dir, self.model_id, self.topk = run.out_dir, run.model_id, run.topk
+        self.names, self.methods = run.names, run.methods
         self.inputs: dict[int, str] = {}  # dataset index -> its file, relative to out_dir
         self.meta: dict[str, dict] = {}  # layer -> title, tile size, tiles (from its first method's job)
         self.proj: dict[tuple[str, str, int, int], str] = {}  # (layer, method, channel, rank) -> file
@@ -550,10 +488,6 @@ class _Writer:
 
     def finish(self) -> None:
         """Write ``topk.json``, ``gallery.json`` and ``index.html`` once every job was added."""
-        import json
-
-        from .gallery import write_gallery
-
         manifest: dict = {
             "format": "cnn-internals.gallery/1",
             "model_id": self.model_id,
@@ -584,3 +518,13 @@ class _Writer:
         self.topk.save(self.out_dir / "topk.json")
         write_atomic(self.out_dir / "gallery.json", json.dumps(manifest, indent=1) + "\n")
         write_gallery(self.out_dir)
+
+    def result(self, timings: dict[str, float]) -> VisualizeResult:
+        """What was written (every process of a shared run returns the same), with ``timings["total"]``."""
+        out, names = self.out_dir, self.names
+        timings["total"] = time.perf_counter() - self.run.started
+        return VisualizeResult(
+            out_dir=out, topk=self.topk, panels={(n, m): self.panel_path(n, m) for n in names for m in self.methods},
+            topk_path=out / "topk.json", index_path=out / "index.html", timings=timings,
+            notes={n: self.notes_of(n) for n in names if self.notes_of(n)},
+        )

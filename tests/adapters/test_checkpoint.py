@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import adapters
 from adapters.checkpoint import load_state_dict
 from interp.cli import main
 
@@ -57,3 +58,14 @@ def test_a_real_state_dict_still_loads(tmp_path):
     save_file(state, str(tmp_path / "w.safetensors"))
     assert torch.equal(load_state_dict(tmp_path / "ckpt.pt")["w"], state["w"])
     assert torch.equal(load_state_dict(tmp_path / "w.safetensors")["w"], state["w"])
+
+
+@pytest.mark.parametrize("name", ["alexnet", "resnet18", "mobilenet"])
+def test_random_weights_keep_the_initialisation(name):
+    """``weights="random"`` reads no file: the same seed gives the same model as no weights at all."""
+    torch.manual_seed(3)
+    random_model, _ = adapters.load(name, weights="random")
+    torch.manual_seed(3)
+    default_model, _ = adapters.load(name)
+    for (key, a), b in zip(random_model.state_dict().items(), default_model.state_dict().values()):
+        assert torch.equal(a, b), key

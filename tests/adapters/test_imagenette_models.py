@@ -1,4 +1,4 @@
-"""Tests of the Imagenette models, their recipes, the Imagenette dataset and its cached statistics.
+"""Tests of the Imagenette models, the Imagenette dataset and its cached statistics (recipes: tests/training).
 
 The printouts below are copied from the original "CNN Internals" README
 (sections 2-6); each model must reproduce them module by module.
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import adapters
-from adapters import recipes
+from adapters import preprocess as P
 from adapters.datasets import imagenette
 from adapters.alexnet import AlexNet
 from adapters.inception import INCEPTION_CONFIG, Inception, InceptionNet
@@ -418,7 +418,7 @@ def test_alexnet_rejects_other_input_sizes_clearly():
         AlexNet().eval()(torch.randn(1, 3, 128, 128))
 
 
-def test_initialisation_follows_the_recipe():
+def test_initialisation_is_kaiming_with_zero_biases():
     torch.manual_seed(0)
     model = ResNet18()
     w = model.conv2.weight  # 64 x 64 x 3 x 3: fan-in 576, Kaiming std sqrt(2 / 576) = 0.0589
@@ -498,9 +498,8 @@ def test_registry_load_weights_round_trip(tmp_path):
     from safetensors.torch import save_file
 
     assert {"alexnet", "vgg16", "inception", "resnet18", "mobilenet"} <= set(adapters.names())
-    stats = imagenette.fallback_stats()
     torch.manual_seed(1)
-    model, preprocess = adapters.load("mobilenet", stats=stats)
+    model, preprocess = adapters.load("mobilenet")
     assert not model.training
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (160, 200, 3), dtype=np.uint8))
     x = preprocess(img)
@@ -508,108 +507,23 @@ def test_registry_load_weights_round_trip(tmp_path):
     path = tmp_path / "mobilenet.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     torch.manual_seed(2)  # a different random init, overwritten by the weights
-    again, _ = adapters.load("mobilenet", weights=str(path), stats=stats)
+    again, _ = adapters.load("mobilenet", weights=str(path))
     with torch.no_grad():
         assert torch.equal(model(x[None]), again(x[None]))
     with pytest.raises(ValueError, match="does not fit resnet18"):
-        adapters.load("resnet18", weights=str(path), stats=stats)
+        adapters.load("resnet18", weights=str(path))
 
 
 def test_alexnet_preprocess_subtracts_the_mean_image():
     from PIL import Image
 
-    stats = imagenette.fallback_stats()
-    _, preprocess = adapters.load("alexnet", stats=stats)
-    # A uniform image of exactly the mean colour becomes all zeros.
+    # With a flat mean image (ImageNet's mean colour), a uniform image of that colour becomes all zeros.
+    stats = P.imagenet_stats()
+    preprocess = P.mean_image_crop(stats)
     colour = tuple(int(round(255 * v)) for v in stats.mean.tolist())
     x = preprocess(Image.new("RGB", (160, 160), colour))
     assert x.shape == (3, 224, 224)
     assert float(x.abs().max()) < 1 / 255
-
-
-# ----------------------------------------------------------------- recipes
-
-
-def test_recipes_hold_the_seed_hyperparameters():
-    r = recipes.RECIPES
-    assert (r["vgg16"].optimizer, r["vgg16"].lr, dict(r["vgg16"].optimizer_kwargs)) == (
-        "sgd", 0.01, {"momentum": 0.9, "weight_decay": 5e-4})
-    assert (r["vgg16"].epochs, r["vgg16"].batch_size, r["vgg16"].scheduler_metric) == (20, 256, "val_top1")
-    assert dict(r["inception"].scheduler_kwargs) == {"step_size": 8, "gamma": 0.96}
-    assert dict(r["inception"].optimizer_kwargs)["weight_decay"] == 2e-4
-    assert (r["resnet18"].optimizer, r["resnet18"].lr, dict(r["resnet18"].scheduler_kwargs)) == (
-        "adamw", 1e-3, {"factor": 0.1, "patience": 2})
-    assert dict(r["mobilenet"].optimizer_kwargs) == {"momentum": 0.9, "eps": 1.0, "weight_decay": 4e-5}
-    assert all(rec.epochs == 30 for k, rec in r.items() if k != "vgg16")
-    assert all(rec.make_loss().__class__ is nn.CrossEntropyLoss for rec in r.values())
-
-
-def test_optimizers_and_mobilenet_param_groups():
-    model = MobileNetV1(width_mult=0.25)
-    for source in (model, model.parameters()):  # the module, or just its parameters (as fit passes them)
-        opt = recipes.RECIPES["mobilenet"].make_optimizer(source)
-        assert isinstance(opt, torch.optim.RMSprop)
-        dw, rest = opt.param_groups
-        assert (dw["weight_decay"], rest["weight_decay"]) == (0.0, 4e-5)
-        assert (dw["lr"], dw["momentum"], dw["eps"]) == (0.045, 0.9, 1.0)
-        assert len(dw["params"]) == 13 and all(p.shape[1] == 1 for p in dw["params"])
-        assert len(dw["params"]) + len(rest["params"]) == len(list(model.parameters()))
-    opt = recipes.RECIPES["resnet18"].make_optimizer(ResNet18())
-    assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["weight_decay"] == 1e-4
-
-
-def test_step_schedule_steps_per_epoch_through_a_per_batch_loop():
-    p = nn.Parameter(torch.zeros(1))
-    rec = recipes.RECIPES["mobilenet"]
-    opt = rec.make_optimizer([p])
-    sched = rec.make_scheduler(opt, steps_per_epoch=3)
-    lrs = []
-    for _epoch in range(5):
-        for _batch in range(3):
-            opt.step()
-            sched.step()
-        sched.epoch_end({"val_top1": 0.5})  # ignored: StepLR has no metric
-        lrs.append(opt.param_groups[0]["lr"])
-    # StepLR(step_size=2, gamma=0.94): 0.045 for epochs 0-1, x0.94 from epoch 2, x0.94^2 from epoch 4.
-    assert lrs == pytest.approx([0.045, 0.045 * 0.94, 0.045 * 0.94, 0.045 * 0.94**2, 0.045 * 0.94**2])
-    state = sched.state_dict()
-    fresh = rec.make_scheduler(rec.make_optimizer([p]), steps_per_epoch=3)
-    fresh.load_state_dict(state)
-    assert fresh.batches == 15
-
-
-def test_plateau_schedule_reduces_on_stalled_val_top1():
-    p = nn.Parameter(torch.zeros(1))
-    rec = recipes.RECIPES["resnet18"]  # ReduceLROnPlateau(factor 0.1, patience 2), mode max
-    opt = rec.make_optimizer([p])
-    sched = rec.make_scheduler(opt, steps_per_epoch=4)
-    lrs = []
-    for top1 in [0.30, 0.40, 0.40, 0.39, 0.40, 0.41]:
-        for _ in range(4):
-            sched.step()  # per-batch calls never change the LR here
-        sched.epoch_end({"val_top1": top1})
-        lrs.append(opt.param_groups[0]["lr"])
-    # Best 0.40 at epoch 2; epochs 3, 4, 5 do not beat it -> reduced after the third bad epoch.
-    assert lrs == pytest.approx([1e-3, 1e-3, 1e-3, 1e-3, 1e-4, 1e-4])
-    with pytest.raises(ValueError, match="val_top1"):
-        sched.epoch_end({"train_top1": 0.5})
-
-
-def test_recipe_transforms_give_model_inputs():
-    from PIL import Image
-
-    stats = imagenette.fallback_stats()
-    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (160, 160, 3), dtype=np.uint8))
-    grey = img.convert("L")
-    for name, rec in recipes.RECIPES.items():
-        size = 224 if name == "alexnet" else 64
-        train, val = rec.make_transforms(stats, size)
-        for tf in (train, val):
-            for im in (img, grey):
-                x = tf(im)
-                assert tuple(x.shape) == (3, size, size) and x.dtype == torch.float32, name
-    d = recipes.RECIPES["mobilenet"].to_dict()
-    assert d["optimizer"] == "rmsprop" and d["param_groups"] == "mobilenet"
 
 
 # ----------------------------------------------------------------- Imagenette data
@@ -703,19 +617,6 @@ def test_dataset_stats_are_cached_and_reused(tmp_path, monkeypatch):
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(root / "train" / "n02102040" / "extra.png")
     with pytest.raises(AssertionError, match="recomputed"):
         imagenette.dataset_stats(root, size=8, cache_dir=cache, progress=False)
-
-
-def test_training_setup_builds_a_trainspec_for_the_trainer():
-    root = _data_root()
-    stats = imagenette.fallback_stats()
-    spec = recipes.training_setup("resnet18", data_root=root, limit=20, image_size=64, stats=stats)
-    assert len(spec.train_set) == 20 and len(spec.val_set) == 20
-    x, y = spec.train_set[0]
-    assert x.shape == (3, 64, 64) and y == 0
-    assert spec.model.training and isinstance(spec.model, ResNet18)
-    assert spec.recipe.image_size == 64 and spec.recipe.scheduler_metric == "val_top1"
-    with pytest.raises(ValueError, match="224"):
-        recipes.training_setup("alexnet", data_root=root, limit=10, image_size=64, stats=stats)
 
 
 @pytest.mark.parametrize("cls", [AlexNet, VGG16, InceptionNet, ResNet18, MobileNetV1],

@@ -1,7 +1,6 @@
-"""Tests of the LeNet-5 adapter, the MNIST data helpers and the generic trainer."""
+"""Tests of the LeNet-5 adapter and the MNIST data helpers (its training is tested under tests/training)."""
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -11,12 +10,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import TensorDataset
 
 from adapters import lenet5 as L
 from adapters.datasets import mnist, mnist_sample
-from adapters.training import Recipe, TrainSpec, evaluate, fit
 
+from _lenet import mnist_test, one_thread  # noqa: F401 (one_thread: an autouse fixture)
 from conftest import REPO  # noqa: E402
 DATA = Path(os.environ.get("CNN_INTERNALS_DATA") or REPO.parent / "shared" / "data")
 
@@ -35,33 +33,6 @@ EXPECTED_REPR = """LeNet5(
   (tanh6): Tanh(a=1.7159, s=0.6667)
   (rbf): RBFOutputLayer()
 )"""
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Run this module on one torch thread.
-
-    The models are tiny, and on a small shared CPU several OpenMP threads per
-    process stall each other (a 3x slowdown measured here); results do not
-    depend on it.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@functools.lru_cache(maxsize=1)
-def _load_mnist_test():
-    return mnist(DATA, train=False)
-
-
-def _mnist_test():
-    """The full MNIST test set (read once); fails (never skips) when the data folder is missing."""
-    try:
-        return _load_mnist_test()
-    except FileNotFoundError as exc:
-        pytest.fail(f"MNIST test files are needed for this test: {exc}")
 
 
 # --- architecture -----------------------------------------------------------
@@ -150,30 +121,13 @@ def test_fan_in_uniform_init_bounds():
     assert float(c3.weight[15].detach().abs().max()) <= 2.4 / 150
 
 
-# --- loss, RBF, prototypes ----------------------------------------------------
+def _penalty_loss(penalties: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    # Any differentiable loss on the penalties will do for these architecture checks
+    # (LeCun's MAP criterion itself lives with the training code).
+    return torch.nn.functional.cross_entropy(-penalties, target)
 
 
-def test_lecun_loss_equals_hand_computation():
-    y = torch.tensor([[1.0, 2.0, 3.0], [0.5, 4.0, 0.1]], dtype=torch.float64)
-    target = torch.tensor([0, 2])
-    e = math.exp
-    first = 1.0 + math.log(e(-5) + e(-1.0) + e(-2.0) + e(-3.0))
-    second = 0.1 + math.log(e(-5) + e(-0.5) + e(-4.0) + e(-0.1))
-    hand = (first + second) / 2
-    assert hand == pytest.approx(0.474586, abs=1e-6)
-    assert float(L.lecun_loss(y, target)) == pytest.approx(hand, abs=1e-12)
-    # Another J: E = y_correct + log(exp(-J) + sum exp(-y)).
-    hand_j1 = (1.0 + math.log(e(-1) + e(-1.0) + e(-2.0) + e(-3.0))
-               + 0.1 + math.log(e(-1) + e(-0.5) + e(-4.0) + e(-0.1))) / 2
-    assert float(L.lecun_loss(y, target, j=1.0)) == pytest.approx(hand_j1, abs=1e-12)
-
-
-def test_lecun_loss_is_stable_for_large_penalties():
-    y = torch.tensor([[900.0, 1000.0, 1100.0]])
-    # exp(-900) underflows; the exp(-J) term dominates: E = 900 + log(e^-5 + ...) = 895.
-    loss = L.lecun_loss(y, torch.tensor([0]))
-    assert torch.isfinite(loss)
-    assert float(loss) == pytest.approx(895.0, abs=1e-3)
+# --- RBF, prototypes ------------------------------------------------------------
 
 
 def test_rbf_output_equals_direct_sum():
@@ -208,7 +162,7 @@ def test_prototypes_are_fixed_digit_bitmaps():
     model = L.LeNet5()
     before = model.rbf.prototypes.clone()
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
-    L.lecun_loss(model(torch.randn(4, 1, 32, 32)), torch.tensor([0, 1, 2, 3])).backward()
+    _penalty_loss(model(torch.randn(4, 1, 32, 32)), torch.tensor([0, 1, 2, 3])).backward()
     opt.step()
     assert torch.equal(model.rbf.prototypes, before)
 
@@ -247,7 +201,7 @@ def test_c3_masked_weights_get_zero_gradient_and_stay_zero():
     t = torch.arange(8) % 10
     for _ in range(3):
         opt.zero_grad()
-        L.lecun_loss(model(x), t).backward()
+        _penalty_loss(model(x), t).backward()
         assert bool((model.conv2.weight.grad[off] == 0).all())
         assert float(model.conv2.weight.grad[~off].abs().sum()) > 0
         opt.step()
@@ -307,8 +261,8 @@ def test_registry_load_returns_eval_model():
     assert isinstance(model, L.LeNet5) and not model.training
 
 
-def test_shipped_weights_reach_99_percent_on_full_mnist_test():
-    ds = _mnist_test()
+def test_shipped_weights_reach_99_percent_on_fullmnist_test():
+    ds = mnist_test()
     assert len(ds) == 10_000
     model, _ = L.load()
     x = L.to_input(ds.data)
@@ -335,7 +289,7 @@ def test_shipped_weights_on_shipped_sample():
 
 
 def test_mnist_sample_equals_first_1000_test_images():
-    ds = _mnist_test()
+    ds = mnist_test()
     sample = mnist_sample()
     assert torch.equal(sample.data, ds.data[:1000])
     assert torch.equal(sample.targets, ds.targets[:1000])
@@ -347,138 +301,6 @@ def test_mnist_sample_equals_first_1000_test_images():
 def test_mnist_missing_files_give_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"MNIST/raw/t10k-images-idx3-ubyte"):
         mnist(tmp_path, train=False)
-
-
-# --- trainer -------------------------------------------------------------------
-
-
-def _small_spec(n: int = 256, epochs: int = 2) -> TrainSpec:
-    ds = _mnist_test()
-    torch.manual_seed(0)
-    x = L.to_input(ds.data[:n])
-    y = ds.targets[:n].long()
-    return TrainSpec(
-        model=L.LeNet5(),
-        train_set=TensorDataset(x, y),
-        val_set=TensorDataset(L.to_input(ds.data[n:n + 128]), ds.targets[n:n + 128].long()),
-        recipe=Recipe(name="test", epochs=epochs, batch_size=32, lr=3e-3, weight_decay=1e-4, scheduler="cosine"),
-        loss_fn=L.lecun_loss,
-        scores_fn=L.penalties_to_scores,
-    )
-
-
-class _Stop(Exception):
-    pass
-
-
-def test_trainer_learns_checkpoints_and_resumes_exactly(tmp_path):
-    spec = _small_spec()
-    result = fit(spec, tmp_path / "a", seed=7, progress=False, log=lambda s: None)
-    h = result["history"]
-    assert [r["epoch"] for r in h] == [1, 2]
-    assert h[1]["train_loss"] < h[0]["train_loss"]
-    assert 0.0 <= h[1]["val_top1"] <= 1.0 and "val_top5" in h[1]
-    for name in ("last.pt", "best.pt", "log.json"):
-        assert (tmp_path / "a" / name).is_file()
-    log = json.loads((tmp_path / "a" / "log.json").read_text())
-    assert len(log["epochs"]) == 2 and log["seed"] == 7 and log["recipe"]["name"] == "test"
-
-    # The checkpoint reloads into a fresh model with identical outputs.
-    reloaded, _ = L.load(weights=tmp_path / "a" / "last.pt")
-    x = spec.val_set.tensors[0][:16]
-    spec.model.eval()
-    assert torch.equal(reloaded(x), spec.model(x))
-
-    # Interrupt after epoch 1, then resume: same weights as the uninterrupted run.
-    spec_b = _small_spec()
-
-    def stop_after_first(msg: str) -> None:
-        if msg.startswith("epoch 1/2"):
-            raise _Stop
-
-    with pytest.raises(_Stop):
-        fit(spec_b, tmp_path / "b", seed=7, progress=False, log=stop_after_first)
-    ckpt = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
-    assert ckpt["epoch"] == 1
-    messages: list[str] = []
-    spec_c = _small_spec()
-    resumed = fit(spec_c, tmp_path / "b", seed=7, resume=True, progress=False, log=messages.append)
-    assert messages[0].startswith("resuming from") and "1/2 epochs done" in messages[0]
-    assert resumed["epochs_run"] == 1
-    assert [r["epoch"] for r in resumed["history"]] == [1, 2]
-    assert resumed["history"][1]["train_loss"] == h[1]["train_loss"]
-    a = spec.model.state_dict()
-    c = spec_c.model.state_dict()
-    assert all(torch.equal(a[k], c[k]) for k in a)
-
-
-def test_resume_from_corrupt_checkpoint_is_a_clear_error(tmp_path):
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "last.pt").write_bytes(b"\x00garbage" * 10)
-    with pytest.raises(ValueError, match=r"cannot read checkpoint .*last\.pt"):
-        fit(_small_spec(n=64, epochs=1), out, resume=True, progress=False, log=lambda s: None)
-
-
-def test_resume_from_truncated_checkpoint_is_a_clear_error(tmp_path):
-    out = tmp_path / "run"
-    fit(_small_spec(n=64, epochs=1), out, progress=False, log=lambda s: None)
-    data = (out / "last.pt").read_bytes()
-    (out / "last.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="corrupt"):
-        fit(_small_spec(n=64, epochs=1), out, resume=True, progress=False, log=lambda s: None)
-
-
-def test_resume_with_other_recipe_is_refused(tmp_path):
-    out = tmp_path / "run"
-    fit(_small_spec(n=64, epochs=1), out, progress=False, log=lambda s: None)
-    with pytest.raises(ValueError, match="cannot resume"):
-        fit(_small_spec(n=64, epochs=2), out, resume=True, progress=False, log=lambda s: None)
-
-
-def test_evaluate_counts_top1_with_penalties():
-    model = torch.nn.Identity()
-    penalties = torch.tensor([[0.1, 5.0, 3.0, 4.0, 6.0, 7.0, 8.0], [2.0, 1.0, 0.5, 4.0, 6.0, 7.0, 8.0]])
-    ds = TensorDataset(penalties, torch.tensor([0, 1]))
-    res = evaluate(model, ds, L.lecun_loss, L.penalties_to_scores)
-    assert res["top1"] == 0.5 and res["top5"] == 1.0 and res["n"] == 2
-
-
-def test_cosine_recipe_schedule():
-    r = Recipe(name="r", epochs=4, batch_size=8, lr=1.0, scheduler="cosine")
-    assert r.lr_factor(0, 10) == 1.0
-    assert r.lr_factor(20, 10) == pytest.approx(0.5)
-    assert r.lr_factor(39, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 39 / 40)))
-    assert L.recipe().to_dict()["lr"] == 1e-3 and L.recipe().epochs == 30 and L.recipe().batch_size == 64
-
-
-# --- CLI -----------------------------------------------------------------------
-
-
-def test_cli_unknown_model_lists_trainable(capsys):
-    from interp.cli import main
-
-    assert main(["train", "resnet19", "--data", str(DATA)]) == 2
-    err = capsys.readouterr().err
-    assert "not trainable" in err and "lenet5" in err and len(err.strip().splitlines()) == 1
-
-
-def test_cli_train_tiny_run(tmp_path, capsys):
-    from interp.cli import main
-
-    _mnist_test()
-    rc = main(["train", "lenet5", "--data", str(DATA), "--epochs", "1", "--limit", "128",
-               "--out", str(tmp_path), "--no-progress", "--seed", "1"])
-    assert rc == 0
-    record = json.loads((tmp_path / "lenet5.json").read_text())
-    assert record["epochs"] == 1 and record["train_images"] == 128 and record["seed"] == 1
-    assert record["eval_images"] == 128
-    assert record["eval_correct"] == round(record["eval_top1"] * 128)
-    assert record["command"].startswith("cnn-internals train lenet5 --data ")
-    assert "--epochs 1 --limit 128" in record["command"]
-    model, _ = L.load(weights=tmp_path / "lenet5.safetensors")
-    assert isinstance(model, L.LeNet5)
-    assert "epoch 1/1" in capsys.readouterr().out
 
 
 def test_preprocess_resizes_an_ordinary_photo_to_the_mnist_grid():

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import adapters
 from adapters import hub, pretrained
+from adapters.importers.torchscript import conv_bn_pairs
 
 from conftest import DATA_ROOT
 
@@ -274,7 +275,7 @@ def test_mobilenet_v2_twin_layers_match_the_int8_ops():
     ]
     assert graph_ops[0][0] == "aten::quantize_per_tensor"
     qconvs = [m for _, m in ts.named_modules() if getattr(m, "original_name", "") in ("Conv2d", "ConvReLU2d")]
-    pairs = pretrained._conv_bn_pairs(model)
+    pairs = conv_bn_pairs(model)
     quant = next(n for n in ts.inlined_graph.nodes() if n.kind() == "aten::quantize_per_tensor")
     prev = (list(quant.inputs())[1].toIValue(), list(quant.inputs())[2].toIValue())
     assert prev == (0.018657904118299484, 114)

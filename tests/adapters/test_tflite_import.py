@@ -22,7 +22,8 @@ from adapters import pretrained
 from conftest import DATA_ROOT
 
 FILES = [DATA_ROOT / "weights" / rel for rel in pretrained.TFLITE_MOBILENET_V1_FILES]
-FIXTURE = Path(__file__).with_name("tflite_mobilenet_v1_predictions.json")
+# The fixture stayed in tests/ when this file moved to tests/adapters/.
+FIXTURE = Path(__file__).resolve().parents[1] / "tflite_mobilenet_v1_predictions.json"
 VAL = DATA_ROOT / "imagenette2-160" / "val"
 
 

@@ -5,6 +5,9 @@ import json
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
 import interp
 from interp.cli import main
 
@@ -86,28 +89,59 @@ def test_cli_random_init_is_seeded_and_leaves_the_global_rng_alone():
     assert float(sa["conv1.weight"].std()) > 0.01  # really initialised, not zeros
 
 
-def test_cli_takes_training_statistics_from_data(data_root, tmp_path, monkeypatch):
+def test_cli_loads_a_model_without_reading_any_dataset(data_root, tmp_path, monkeypatch):
     # Run from a folder where the default data location does not exist: the
-    # Imagenette preprocess must still find its training statistics through
-    # the command's --data, not fall back to ImageNet's mean/std.
+    # Imagenette preprocess ships its training statistics (it reads no data,
+    # and does not fall back to ImageNet's mean/std with a warning).
     import warnings
 
     from adapters.datasets.imagenette import dataset_stats
     from interp.commands._models import load_model
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("CNN_INTERNALS_DATA", raising=False)
     stats = dataset_stats(data_root / "imagenette2-160")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CNN_INTERNALS_DATA", str(tmp_path / "nowhere"))
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the fallback announces itself with a warning
-        _, pre, _ = load_model("resnet18", None, str(data_root / "imagenette2-160"))
+        warnings.simplefilter("error")  # a fallback would announce itself with a warning
+        _, pre, _ = load_model("resnet18")
     from PIL import Image
     import numpy as np
 
     gray = Image.fromarray(np.full((64, 64, 3), 128, dtype=np.uint8))
     x = pre(gray)
     expected = (128 / 255 - np.asarray(stats.mean)) / np.asarray(stats.std)
-    np.testing.assert_allclose(x[:, 100, 100].numpy(), expected, rtol=1e-5)
+    np.testing.assert_allclose(x[:, 100, 100].numpy(), expected, rtol=1e-4)
+
+
+def test_cli_data_reads_an_mnist_root_through_the_adapters(data_root):
+    """``--data ROOT`` with MNIST's idx files: the test digits, as the engine's in-memory images."""
+    from torchvision.datasets import MNIST
+
+    from interp.commands._data import open_images
+    from interp.data import ArrayImages
+
+    ds = open_images(data_root, None, mode="L", limit=5)  # ../shared/data: MNIST for a 1-channel model
+    assert isinstance(ds.parent, ArrayImages)
+    assert len(ds) == 5 and [ds[i][1] for i in range(5)] == [0, 2500, 5000, 7499, 9999]
+    assert ds.describe(2500) == "MNIST-test[2500]" and ds.path(2500) is None
+    ref = MNIST(str(data_root), train=False, download=False).data[7499].numpy() / 255.0
+    np.testing.assert_allclose(ds.raw(7499)[:, :, 0], ref, atol=1e-6)
+    assert open_images(data_root / "MNIST", None, split="train").describe(0) == "MNIST-train[0]"
+    assert open_images(data_root / "MNIST", None).describe(3) == "MNIST-test[3]"
+    with pytest.raises(ValueError, match="holds several datasets"):
+        open_images(data_root, None, mode="RGB")
+    with pytest.raises(ValueError, match="unknown split 'dev' for MNIST"):
+        open_images(data_root / "MNIST", None, split="dev")
+    val = open_images(data_root / "imagenette2-160", None, limit=3)  # anything else: the engine's reader
+    assert all("/val/" in val.path(i) for i in val.indices)
+
+
+def test_cli_data_names_an_mnist_root_inside_an_empty_folder(data_root, tmp_path):
+    from interp.commands._data import open_images
+
+    (tmp_path / "digits" / "MNIST" / "raw").mkdir(parents=True)  # what tells an MNIST root
+    with pytest.raises(FileNotFoundError, match="no images found in .*an MNIST root.*it holds an MNIST root: "):
+        open_images(tmp_path, None, mode="L")
 
 
 def test_layers_blocks_lists_what_all_blocks_picks(capsys):

@@ -19,7 +19,7 @@ def _run(tmp_path, *extra: str) -> int:
 
 @pytest.mark.parametrize("failure, code", [(KeyboardInterrupt, 130), (RuntimeError("projection exploded"), 2)])
 def test_failure_after_mining_keeps_topk_and_resumes(tmp_path, monkeypatch, capsys, failure, code):
-    project_module = sys.modules["interp.project"]
+    project_module = sys.modules["interp.draw.visualize"]  # where the visualize core calls interp.project
     real = project_module.project
 
     def fail(*args, **kwargs):
@@ -52,7 +52,7 @@ def test_failure_after_mining_keeps_topk_and_resumes(tmp_path, monkeypatch, caps
 
 
 def test_failure_while_mining_promises_nothing(tmp_path, monkeypatch, capsys):
-    engine = sys.modules["interp.draw.visualize"]  # (the package's "visualize" is the function)
+    engine = sys.modules["interp.api"]  # the public wrapper hands its mine (bar, workers) to the core
 
     def fail(*args, **kwargs):
         raise RuntimeError("mining exploded")

@@ -151,11 +151,16 @@ def test_site_has_no_broken_links_or_images(site, tmp_path):
 
 def readme_as_index(readme: str) -> str:
     """The site's home page: the README with its links made relative to ``docs/``."""
-    t = readme.replace("](docs/images/", "](images/").replace("](docs/guide/", "](guide/").replace("](docs/", "](")
+    t = readme.replace("](ARCHITECTURE.md)", "](architecture.md)").replace("](docs/images/", "](images/").replace("](docs/guide/", "](guide/").replace("](docs/", "](")
     t = t.replace("[`docs/`](", "`docs/` (").replace("(`docs/` (", "(")
     t = t.replace("[`benchmarks/RESULTS.md`](benchmarks/RESULTS.md)", "`benchmarks/RESULTS.md` in the repository")
     return t.replace("The documentation site is built from `docs/` () with MkDocs Material",
                      "This site is built from the `docs/` folder of the repository with MkDocs Material")
+
+
+def architecture_as_page(text: str) -> str:
+    """The site's architecture page: ARCHITECTURE.md (it sits next to the README) with its links made relative."""
+    return text.replace("](docs/", "](")
 
 
 def test_home_page_is_the_readme():
@@ -164,5 +169,12 @@ def test_home_page_is_the_readme():
         "docs/index.md is out of date with README.md: run `python tests/docs/test_site.py`")
 
 
-if __name__ == "__main__":  # regenerate docs/index.md from the README
+def test_architecture_page_is_architecture_md():
+    expected = architecture_as_page((REPO / "ARCHITECTURE.md").read_text())
+    assert (DOCS / "architecture.md").read_text() == expected, (
+        "docs/architecture.md is out of date with ARCHITECTURE.md: run `python tests/docs/test_site.py`")
+
+
+if __name__ == "__main__":  # regenerate docs/index.md and docs/architecture.md from the top-level pages
     (DOCS / "index.md").write_text(readme_as_index((REPO / "README.md").read_text()))
+    (DOCS / "architecture.md").write_text(architecture_as_page((REPO / "ARCHITECTURE.md").read_text()))

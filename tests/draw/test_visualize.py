@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 import interp
 from interp.cli import main
@@ -224,19 +225,20 @@ def test_model_left_as_it_was_after_success_and_error(tmp_path):
     assert not (tmp_path / "out2").exists()
 
 
-def test_mnist_root_limit_and_ambiguous_data_root():
-    ds = open_images(DATA, None, mode="L", limit=5)  # ../shared/data: MNIST for a 1-channel model
-    assert len(ds) == 5 and [ds[i][1] for i in range(5)] == [0, 2500, 5000, 7499, 9999]
-    assert ds.describe(2500) == "MNIST-test[2500]" and ds.path(2500) is None
-    from torchvision.datasets import MNIST
+def test_engine_reads_folders_and_files_and_knows_no_dataset_layout(tmp_path):
+    """The engine reads image files; an MNIST root (idx files) is the command line's business."""
+    from interp.data import NoImagesFound
 
-    ref = MNIST(str(DATA), train=False, download=False).data[7499].numpy() / 255.0
-    np.testing.assert_allclose(ds.raw(7499)[:, :, 0], ref, atol=1e-6)
-    with pytest.raises(ValueError, match="holds several datasets"):
-        open_images(DATA, None, mode="RGB")
     val = open_images(DATA / "imagenette2-160", None, limit=20)  # train/ + val/ root: val by default
     assert all("/val/" in val.path(val.indices[i]) for i in range(20))
     assert len({Path(val.path(i)).parent.name for i in val.indices}) == 10  # spread over every class
+    with pytest.raises(NoImagesFound, match="no images found in"):
+        open_images(DATA / "MNIST", None, mode="L")  # idx files, no image file
+    one = next((DATA / "imagenette2-160" / "val").rglob("*.JPEG"))
+    assert len(open_images(one, None)) == 1
+    (tmp_path / "x.txt").write_text("no image")
+    with pytest.raises(ValueError, match="neither a folder of images nor an image file"):
+        open_images(tmp_path / "x.txt", None)
 
 
 def test_worker_processes_decode_ahead_with_the_same_files(tmp_path):
@@ -260,3 +262,24 @@ def test_worker_processes_decode_ahead_with_the_same_files(tmp_path):
     assert len(runs[0]) > 5 and runs[0].keys() == runs[2].keys()
     assert all(runs[0][name] == runs[2][name] for name in runs[0]), \
         [name for name in runs[0] if runs[0][name] != runs[2][name]]
+
+
+def test_the_one_process_core_writes_the_wrappers_files(tmp_path, monkeypatch):
+    """visualize_local (no bar, no process group) writes byte for byte what interp.visualize writes."""
+    from interp import parallel
+    from interp.draw.visualize import visualize_local
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 5, 3, stride=2)).eval()
+    x = torch.rand(6, 3, 20, 20, generator=torch.Generator().manual_seed(0))
+
+    def tree(out: Path) -> dict[str, bytes]:
+        return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    wrapped = interp.visualize(model, x, tmp_path / "a", "all-conv", k=2, methods=["guided", "gradient"])
+    monkeypatch.setattr(parallel, "active", lambda: pytest.fail("the core looked for a process group"))
+    alone = visualize_local(model, x, tmp_path / "b", "all-conv", k=2, methods=["guided", "gradient"])
+    assert tree(tmp_path / "a") == tree(tmp_path / "b") and len(tree(tmp_path / "a")) > 6
+    assert alone.topk.to_dict() == wrapped.topk.to_dict() and set(alone.timings) == set(wrapped.timings)
+    seen: list[tuple[int, int]] = []
+    visualize_local(model, x, tmp_path / "c", "0", k=2, topk=alone.topk, report=lambda *a: seen.append(a))
+    assert seen == [(1, 1)]  # one job: layer 0, guided

@@ -241,3 +241,56 @@ def test_channels_last_and_model_layout_give_the_same_top_k():
             a, b = fast[layer, c], plain[layer, c]
             assert [(e.index, e.y, e.x) for e in a] == [(e.index, e.y, e.x) for e in b], (layer, c)
             assert np.allclose([e.value for e in a], [e.value for e in b], rtol=1e-5, atol=1e-6)
+
+
+# -- the one-process core and the public wrapper --------------------------------------------------------
+
+
+def test_the_core_gives_the_wrappers_topk_without_a_process_group(monkeypatch):
+    """interp.mine (progress bar, workers) and the core mine_local give the same TopK; the core asks
+    nothing of torch.distributed (every query of it fails here) and its module never imports interp.parallel."""
+    import ast
+    import importlib
+    import inspect
+
+    from interp import parallel
+
+    core = importlib.import_module("interp.mine")  # the module (``interp.mine`` is the public function)
+
+    model, x = IntCNN().eval(), int_images(40)
+    ds = interp.data.ArrayImages(x[:, 0].to(torch.uint8).numpy() * 60, mode="L")
+    wrapped = interp.mine(model, ds, ["conv1", "conv2"], k=5, batch_size=7, progress=True, num_workers=2)
+    for name in ("active", "world", "is_main", "collect", "broadcast", "shard_blocks", "check_same_module"):
+        monkeypatch.setattr(parallel, name, lambda *a, **k: pytest.fail("the core looked for a process group"))
+    alone = core.mine_local(model, ds, ["conv1", "conv2"], k=5, batch_size=7)
+    assert alone.to_dict() == wrapped.to_dict()
+    tree = ast.parse(inspect.getsource(core))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | \
+               {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not {m for m in imported if m and ("parallel" in m or "tqdm" in m)}
+
+
+def test_scans_of_parts_merge_into_the_scan_of_the_whole():
+    """What ranks do, in one process: scan two blocks of whole batches, merge, and get the one-pass TopK."""
+    from interp.mine import Scan, iter_batches, mine_local, plan, scan
+
+    model, x = IntCNN().eval(), int_images(40)
+    whole = mine_local(model, x, ["conv2", "relu2"], k=6, batch_size=8)
+    todo = plan(model, x, ["conv2", "relu2"], k=6, batch_size=8)
+    parts = [scan(model, todo, iter_batches(x, 8, positions=span)).state() for span in (range(0, 24), range(24, 40))]
+    merged = Scan.merged(todo, parts).require_images()
+    assert merged.n_images == 40
+    assert merged.topk(model, None, merged.fields(model)).to_dict() == whole.to_dict()
+    empty = plan(model, x, ["conv2"], k=2, batch_size=8)
+    with pytest.raises(ValueError, match="no images to mine"):
+        Scan.merged(empty, [scan(model, empty, iter_batches(x, 8, positions=range(0, 0))).state()]).require_images()
+
+
+def test_the_core_mines_the_batches_it_is_given():
+    from interp.mine import iter_batches, mine_local
+
+    model, x = IntCNN().eval(), int_images(40)
+    first = mine_local(model, x, ["conv1"], k=3, batches=iter_batches(x, 10, positions=range(0, 20)))
+    assert first.n_images == 20
+    assert {e.index for e in first.iter_entries("conv1")} <= set(range(20))
+    assert first.to_dict()["layers"] == mine_local(model, x[:20], ["conv1"], k=3).to_dict()["layers"]

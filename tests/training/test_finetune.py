@@ -8,7 +8,7 @@ import torch
 import torchvision
 
 import adapters
-from adapters import finetune as ft
+from adapters.training import finetune as ft
 
 from conftest import DATA_ROOT
 
@@ -73,7 +73,7 @@ def test_finetune_verb_on_the_keras_twin(tmp_path, capsys):
     x = torch.stack([val[i][0] for i in range(10)])
     with torch.no_grad():
         ref = model.avgpool(model.features(x)).flatten(1)
-    key = ft._cache_key("pretrained-mobilenet_v1_025_keras", None, val)
+    key = ft.feature_cache_key("pretrained-mobilenet_v1_025_keras", None, val)
     f, _, y = ft.backbone_features(model, val, cache=tmp_path / "cache", key=key, progress=False)
     torch.testing.assert_close(f, ref, rtol=1e-4, atol=1e-5)
     assert y.tolist() == list(range(10))

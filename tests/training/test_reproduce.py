@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from interp.commands import reproduce as rp
+from adapters.training import reproduce as rp
+from adapters.training import results
 
 from conftest import REPO as ROOT  # noqa: E402
 
@@ -64,7 +65,7 @@ def test_results_table_from_logs(tmp_path):
     _log(tmp_path / "finetune" / "pretrained_mobilenet_v1_100_tflite" / "log.json", 5, [0.95] * 5, 12.0)
     (tmp_path / "finetune" / "pretrained_mobilenet_v1_100_tflite" / "finetune.json").write_text("{}")
     family = {"pretrained:mobilenet_v1_100_tflite": "mobilenet"}
-    res = rp.collect_results(tmp_path, ["resnet18", "vgg16", "alexnet"], ["pretrained:mobilenet_v1_100_tflite"],
+    res = results.collect_results(tmp_path, ["resnet18", "vgg16", "alexnet"], ["pretrained:mobilenet_v1_100_tflite"],
                              family)
     rows = {r["model"]: r for r in res["rows"]}
     r = rows["resnet18"]
@@ -76,7 +77,7 @@ def test_results_table_from_logs(tmp_path):
     assert rows["alexnet"]["status"] == "not run"
     twin = rows["pretrained:mobilenet_v1_100_tflite"]
     assert twin["family"] == "mobilenet" and twin["target_top1"] == 0.97 and twin["target_met"] is False
-    table = rp.results_markdown(res)
+    table = results.results_markdown(res)
     assert "| resnet18 | from scratch | complete | 3 | 92.0% | 93.0% (2) | 100.0% | 90.0% | yes | 0.3 |" in table
     assert "| alexnet | from scratch | not run |" in table
     assert len(table.splitlines()) == 2 + 4
@@ -85,10 +86,10 @@ def test_results_table_from_logs(tmp_path):
 def test_tuned_runs_are_labelled_with_their_deviations(tmp_path):
     _log(tmp_path / "train" / "resnet18" / "log.json", 3, [0.5, 0.6, 0.7])
     log = json.loads((tmp_path / "train" / "resnet18" / "log.json").read_text())
-    assert rp._deviations("resnet18", log) == ""  # the recipe as written
+    assert results.deviations("resnet18", log) == ""  # the recipe as written
     log["recipe"].update(image_size=160, batch_size=64)
     log["extra"] = {"image_size": 160, "crop_scale": [0.35, 1.0]}
-    assert rp._deviations("resnet18", log) == ", tuned: 160 px, crop 0.35-1, batch 64"
+    assert results.deviations("resnet18", log) == ", tuned: 160 px, crop 0.35-1, batch 64"
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from adapters import gpu_data as G
-from adapters.datasets.imagenette import Imagenette, fallback_stats
-from adapters.training import Recipe, TrainSpec, fit
+from adapters.datasets import Imagenette
+from adapters.preprocess import imagenet_stats as fallback_stats
+from adapters.training import (AUGMENTATIONS, RECIPES, DeviceImagenette, Recipe, TrainSpec, UInt8Split, affine_crop,
+                               augmentation, color_jitter, crop_theta, decode_uint8, fit, train_transform)
 from interp.cli import main
 
 
@@ -21,7 +22,7 @@ def test_uint8_cache_has_the_pil_pixels(data_root):
 
     ds = Imagenette(data_root / "imagenette2-160", "val", limit=3)
     for size in (160, 40):
-        split = G.decode_uint8(ds.samples, size)
+        split = decode_uint8(ds.samples, size)
         assert split.images.shape == (3, 3, size, size) and split.images.dtype == torch.uint8
         assert split.labels.tolist() == ds.targets
         for i, (path, _) in enumerate(ds.samples):
@@ -34,16 +35,16 @@ def test_uint8_cache_has_the_pil_pixels(data_root):
 
 def _whole(b: int, h: float, w: float, flip: bool = False) -> torch.Tensor:
     one = torch.ones(b, dtype=torch.float64)
-    return G.crop_theta(one * w / 2, one * h / 2, one * w, one * h, one * w, one * h,
+    return crop_theta(one * w / 2, one * h / 2, one * w, one * h, one * w, one * h,
                         torch.full((b,), flip))
 
 
 def test_whole_image_crop_is_a_bilinear_resize_and_flip_is_torch_flip():
     x = torch.rand(2, 3, 16, 16)
-    plain = G.affine_crop(x, _whole(2, 16, 16), 24)
+    plain = affine_crop(x, _whole(2, 16, 16), 24)
     ref = F.interpolate(x, size=(24, 24), mode="bilinear", align_corners=False)
     assert torch.allclose(plain, ref, atol=1e-5)
-    flipped = G.affine_crop(x, _whole(2, 16, 16, flip=True), 24)
+    flipped = affine_crop(x, _whole(2, 16, 16, flip=True), 24)
     assert torch.allclose(flipped, torch.flip(ref, dims=[-1]), atol=1e-5)
 
 
@@ -53,45 +54,46 @@ def test_box_crop_equals_torchvision_resized_crop_and_slicing():
     x = torch.rand(1, 3, 40, 40)
     one = torch.ones(1, dtype=torch.float64)
     # top 5, left 7, 30x30 box shrunk to 20x20 (no antialias: a plain bilinear resize).
-    theta = G.crop_theta(one * (7 + 15), one * (5 + 15), one * 30, one * 30, one * 40, one * 40)
+    theta = crop_theta(one * (7 + 15), one * (5 + 15), one * 30, one * 30, one * 40, one * 40)
     ref = TF.resized_crop(x, 5, 7, 30, 30, [20, 20], antialias=False)
-    assert torch.allclose(G.affine_crop(x, theta, 20), ref, atol=1e-5)
+    assert torch.allclose(affine_crop(x, theta, 20), ref, atol=1e-5)
     # A 16x16 box at scale 1 lands on pixel centres: it is a slice.
-    theta = G.crop_theta(one * (9 + 8), one * (3 + 8), one * 16, one * 16, one * 40, one * 40)
-    assert torch.allclose(G.affine_crop(x, theta, 16), x[..., 3:19, 9:25], atol=1e-5)
+    theta = crop_theta(one * (9 + 8), one * (3 + 8), one * 16, one * 16, one * 40, one * 40)
+    assert torch.allclose(affine_crop(x, theta, 16), x[..., 3:19, 9:25], atol=1e-5)
 
 
 def test_color_jitter_neutral_factors_and_brightness():
     x = torch.rand(2, 3, 8, 8)
     neutral = torch.tensor([[1.0, 1.0, 1.0, 0.0]] * 2)
-    assert torch.allclose(G.color_jitter(x, neutral, [3, 2, 1, 0]), x, atol=1e-5)
+    assert torch.allclose(color_jitter(x, neutral, [3, 2, 1, 0]), x, atol=1e-5)
     half = torch.tensor([[0.5, 1.0, 1.0, 0.0]] * 2)
-    assert torch.allclose(G.color_jitter(x, half, [0, 1, 2, 3]), x * 0.5, atol=1e-6)
+    assert torch.allclose(color_jitter(x, half, [0, 1, 2, 3]), x * 0.5, atol=1e-6)
 
 
-def _synthetic(n: int, size: int, seed: int) -> G.UInt8Split:
+def _synthetic(n: int, size: int, seed: int) -> UInt8Split:
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
     sizes = torch.tensor([[160, 213] if i % 2 else [213, 160] for i in range(n)])
-    return G.UInt8Split(images, torch.arange(n) % 10, sizes)
+    return UInt8Split(images, torch.arange(n) % 10, sizes)
 
 
 def test_val_batch_of_a_flat_image_is_its_normalised_colour():
     stats = fallback_stats()
     val = _synthetic(2, 24, 0)
     val.images[:] = torch.tensor([200, 100, 50], dtype=torch.uint8)[None, :, None, None]
-    data = G.DeviceImagenette(_synthetic(4, 24, 1), val, G.aug_spec("resnet18_train", 16), stats, 16)
+    data = DeviceImagenette(_synthetic(4, 24, 1), val, augmentation(RECIPES["resnet18"], 16), stats, 16)
     (x, y), = list(data.val_batches(8))
     expected = (torch.tensor([200, 100, 50]) / 255.0 - stats.mean) / stats.std
     assert x.shape == (2, 3, 16, 16) and y.tolist() == [0, 1]
     assert torch.allclose(x, expected[None, :, None, None].expand_as(x), atol=1e-5)
 
 
-@pytest.mark.parametrize("recipe", ["alexnet_train", "vgg16_train", "inception_train", "mobilenet_train"])
+@pytest.mark.parametrize("recipe", ["alexnet", "vgg16", "inception", "mobilenet"])
 def test_train_batches_are_a_function_of_seed_and_epoch(recipe):
     stats = fallback_stats()
-    size = 32 if recipe != "alexnet_train" else 40
-    data = G.DeviceImagenette(_synthetic(6, 24, 2), _synthetic(2, 24, 3), G.aug_spec(recipe, size), stats, size)
+    size = 32 if recipe != "alexnet" else 40
+    spec = augmentation(RECIPES[recipe], size)
+    data = DeviceImagenette(_synthetic(6, 24, 2), _synthetic(2, 24, 3), spec, stats, size)
     a = list(data.train_batches(seed=3, epoch=1, batch_size=4))
     b = list(data.train_batches(seed=3, epoch=1, batch_size=4))
     c = list(data.train_batches(seed=3, epoch=2, batch_size=4))
@@ -127,8 +129,8 @@ def _stopping_log(stop_after_first: bool):
 def _fast_run(out, stop_after_first: bool = False, resume: bool = False):
     torch.manual_seed(0)
     model = _Tiny()
-    data = G.DeviceImagenette(_synthetic(12, 24, 4), _synthetic(6, 24, 5), G.aug_spec("mobilenet_train", 16),
-                              fallback_stats(), 16)
+    data = DeviceImagenette(_synthetic(12, 24, 4), _synthetic(6, 24, 5), augmentation(RECIPES["mobilenet"], 16),
+                            fallback_stats(), 16)
     spec = TrainSpec(
         model=model, train_set=TensorDataset(torch.zeros(12)), val_set=TensorDataset(torch.zeros(6)),
         recipe=Recipe(name="fast", epochs=2, batch_size=4, lr=1e-2), loss_fn=nn.CrossEntropyLoss(),
@@ -220,16 +222,18 @@ def test_persistent_workers_resume_exactly(tmp_path):
 
 
 def test_crop_scale_replaces_the_recipe_crop_and_keeps_its_colour_ops():
-    from adapters.recipes import rrc_train
+    def rrc_train(stats, image_size, scale, jitter):
+        base = AUGMENTATIONS["mobilenet" if jitter else "resnet18"].at(image_size)
+        return train_transform(base.with_crop_scale(scale[0]), stats, image_size)
 
-    spec = G.aug_spec("resnet18_train", 160, crop_scale=0.35)
+    spec = augmentation(RECIPES["resnet18"], 160, crop_scale=0.35)
     assert spec.crop == "rrc" and spec.scale == (0.35, 1.0) and spec.jitter is None
-    assert G.aug_spec("vgg16_train", 160, crop_scale=0.5).jitter is not None  # VGG's jitter stays
+    assert augmentation(RECIPES["vgg16"], 160, crop_scale=0.5).jitter is not None  # VGG's jitter stays
     with pytest.raises(ValueError, match="does not apply to alexnet"):
-        G.aug_spec("alexnet_train", 224, crop_scale=0.35)
+        augmentation(RECIPES["alexnet"], 224, crop_scale=0.35)
     names = [type(t).__name__ for t in rrc_train(fallback_stats(), 64, (0.35, 1.0), jitter=True).transforms]
     assert "RandomResizedCrop" in names and "ColorJitter" in names and "RandomCrop" not in names
     # Batches come out at the tuned size, area fractions inside the range.
-    data = G.DeviceImagenette(_synthetic(6, 24, 2), _synthetic(2, 24, 3), spec, fallback_stats(), 16)
+    data = DeviceImagenette(_synthetic(6, 24, 2), _synthetic(2, 24, 3), spec, fallback_stats(), 16)
     x, _ = next(iter(data.train_batches(seed=0, epoch=1, batch_size=6)))
     assert x.shape == (6, 3, 16, 16)

@@ -11,7 +11,7 @@ import torch
 
 import adapters
 from adapters.checkpoint import atomic_save
-from adapters.recipes import training_setup
+from adapters.training import training_setup
 from interp.cli import main
 
 # AlexNet's lin1 is fixed at 256x6x6, so it trains at 224 only; the others at 32 px.
@@ -44,7 +44,7 @@ def test_recipe_optimizer_lowers_the_loss_and_checkpoint_reloads(name, data_root
 
     path = tmp_path / f"{name}.pt"
     atomic_save(model.state_dict(), path)
-    loaded, _ = adapters.load(name, weights=str(path), data_root=data_root / "imagenette2-160")
+    loaded, _ = adapters.load(name, weights=str(path))
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
 

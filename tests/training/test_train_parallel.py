@@ -23,10 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from adapters import finetune as ft
-from adapters import gpu_data as G
-from adapters.datasets.imagenette import fallback_stats
-from adapters.training import Recipe, TrainSpec, fit, rank_blocks
+from adapters.preprocess import imagenet_stats as fallback_stats
+from adapters.training import AUGMENTATIONS, DeviceImagenette, Recipe, TrainSpec, UInt8Split, fit, rank_blocks
+from adapters.training import finetune as ft
 from interp import parallel as dist
 
 from _ranks import free_port, spawn_ranks
@@ -83,18 +82,18 @@ class _Tiny(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(torch.relu(self.conv(x)), 1).flatten(1))
 
 
-def _uint8(n: int, seed: int) -> G.UInt8Split:
+def _uint8(n: int, seed: int) -> UInt8Split:
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n, 3, 24, 24), generator=g, dtype=torch.uint8)
     sizes = torch.tensor([[160, 213] if i % 2 else [213, 160] for i in range(n)])
-    return G.UInt8Split(images, torch.arange(n) % 10, sizes)
+    return UInt8Split(images, torch.arange(n) % 10, sizes)
 
 
 def _device_run(out: Path, device: torch.device | str = "cpu"):
     torch.manual_seed(0)
     model = _Tiny()
-    data = G.DeviceImagenette(_uint8(13, 4), _uint8(7, 5), G.aug_spec("mobilenet_train", 16), fallback_stats(), 16,
-                              device=device)
+    data = DeviceImagenette(_uint8(13, 4), _uint8(7, 5), AUGMENTATIONS["mobilenet"].at(16), fallback_stats(), 16,
+                            device=device)
     spec = TrainSpec(model=model, train_set=TensorDataset(torch.zeros(13)), val_set=TensorDataset(torch.zeros(7)),
                      recipe=Recipe("dev", epochs=2, batch_size=5, lr=1e-2), loss_fn=nn.CrossEntropyLoss())
     result = fit(spec, out, device=device, seed=5, progress=False, log=lambda _m: None, batches=data)
@@ -253,7 +252,8 @@ def test_feature_pass_split_over_ranks_equals_one_process(ddp_dir):
 
 
 def test_sync_bn_conversion_round_trip_and_cpu_error(ddp_dir, capsys):
-    from adapters.training import _convert_sync_bn, _restore_bn
+    from adapters.training import convert_sync_bn as _convert_sync_bn
+    from adapters.training import restore_bn as _restore_bn
     from interp.cli import main
 
     for rank in (0, 1):

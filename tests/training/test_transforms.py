@@ -1,4 +1,4 @@
-"""Tests of adapters.transforms: PCA lighting, mean-image crops, random-interpolation resize."""
+"""Tests of the training transforms: PCA lighting, mean-image crops, random-interpolation resize."""
 from __future__ import annotations
 
 import math
@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from adapters.transforms import (
+from adapters.preprocess import CenterCropWithMeanSub
+from adapters.training.transforms import (
     INTERPOLATIONS,
-    CenterCropWithMeanSub,
     Lighting,
     RandomCropWithMeanSub,
     RandomResizeRandInterp,

@@ -1,8 +1,9 @@
-"""Image transforms the Imagenette recipes need and ``torchvision.transforms.v2`` lacks.
+"""Training-time image transforms the recipes need and ``torchvision.transforms.v2`` lacks.
 
 * :class:`Lighting`: AlexNet's PCA colour ("lighting") noise.
-* :class:`RandomCropWithMeanSub` / :class:`CenterCropWithMeanSub`: subtract
-  the training-set mean image, then take a (random or central) square crop.
+* :class:`RandomCropWithMeanSub`: subtract the training-set mean image, then
+  take a random square crop (its central counterpart, for evaluation, is
+  :class:`adapters.preprocess.CenterCropWithMeanSub`).
 * :class:`RandomResizeRandInterp`: resize the shorter side to a random length
   with a randomly chosen interpolation (GoogLeNet's scale augmentation).
 
@@ -18,8 +19,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision import tv_tensors
 
-__all__ = ["Lighting", "RandomCropWithMeanSub", "CenterCropWithMeanSub", "RandomResizeRandInterp", "INTERPOLATIONS"]
+from adapters.preprocess import MeanImageCrop
+
+__all__ = ["Lighting", "RandomCropWithMeanSub", "RandomResizeRandInterp", "INTERPOLATIONS"]
 
 #: Interpolations :class:`RandomResizeRandInterp` draws from, with equal
 #: probability: the four the GoogLeNet paper lists (bilinear, area, nearest
@@ -83,76 +87,13 @@ class Lighting(nn.Module):
         return f"alphastd={self.alphastd}"
 
 
-class _MeanImageCrop(nn.Module):
-    """Subtract a mean image, then crop a ``size x size`` square (shared code of the two crops)."""
-
-    random: bool = False
-
-    def __init__(self, mean_image: torch.Tensor, size: int) -> None:
-        super().__init__()
-        mean_image = torch.as_tensor(mean_image, dtype=torch.float32)
-        if mean_image.dim() != 3:
-            raise ValueError(f"mean_image must be CxHxW, got shape {tuple(mean_image.shape)}")
-        if not 0 < size <= min(mean_image.shape[-2:]):
-            raise ValueError(f"crop size {size} does not fit the {tuple(mean_image.shape[-2:])} mean image")
-        self.size = int(size)
-        self.register_buffer("mean_image", mean_image)
-
-    def offsets(self, height: int, width: int) -> tuple[int, int]:
-        """Top-left corner of the crop in an image of the mean image's size."""
-        if self.random:
-            top = int(torch.randint(0, height - self.size + 1, (1,)))
-            left = int(torch.randint(0, width - self.size + 1, (1,)))
-            return top, left
-        # Same rounding as torchvision's center_crop.
-        return int(round((height - self.size) / 2.0)), int(round((width - self.size) / 2.0))
-
-    def forward(self, img: torch.Tensor) -> torch.Tensor:
-        """``(img - mean_image)`` cropped; ``img`` is a float ``CxHxW`` of the mean image's shape."""
-        if not img.is_floating_point():
-            raise TypeError(f"{type(self).__name__} works on float images (after ToDtype), got {img.dtype}")
-        if tuple(img.shape[-3:]) != tuple(self.mean_image.shape):
-            raise ValueError(
-                f"{type(self).__name__}: image shape {tuple(img.shape[-3:])} differs from the mean image "
-                f"{tuple(self.mean_image.shape)}; resize the image to the mean image's size first"
-            )
-        top, left = self.offsets(*img.shape[-2:])
-        window = (..., slice(top, top + self.size), slice(left, left + self.size))
-        # Crop first, subtract the same window: equal to subtract-then-crop, cheaper.
-        return img[window] - self.mean_image[window].to(img.dtype)
-
-    def extra_repr(self) -> str:
-        return f"size={self.size}, mean_image={tuple(self.mean_image.shape)}"
-
-
-class RandomCropWithMeanSub(_MeanImageCrop):
+class RandomCropWithMeanSub(MeanImageCrop):
     """Subtract the mean image and take a random ``size x size`` crop (AlexNet training).
 
-    Parameters
-    ----------
-    mean_image:
-        ``CxHxW`` per-pixel mean of the training images, at the size the
-        images have when they reach this transform.
-    size:
-        Side of the square crop (224 in the recipe).
+    Takes the parameters of :class:`~adapters.preprocess.MeanImageCrop`.
     """
 
-    random = True
-
-
-class CenterCropWithMeanSub(_MeanImageCrop):
-    """Subtract the mean image and take the central ``size x size`` crop (AlexNet evaluation).
-
-    Parameters
-    ----------
-    mean_image:
-        ``CxHxW`` per-pixel mean of the training images, at the size the
-        images have when they reach this transform.
-    size:
-        Side of the square crop (224 in the recipe).
-    """
-
-    random = False
+    random = True  # uniform over every position that fits, from torch's global generator
 
 
 class RandomResizeRandInterp(nn.Module):
@@ -217,10 +158,6 @@ class RandomResizeRandInterp(nn.Module):
 
 def _rewrap(like: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     # Keep the tv_tensors.Image type so later v2 transforms treat it as an image.
-    try:
-        from torchvision import tv_tensors
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        return out
     if isinstance(like, tv_tensors.Image):
         return tv_tensors.Image(out)
     return out

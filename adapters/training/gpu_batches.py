@@ -1,27 +1,14 @@
-"""Decode Imagenette once into a uint8 tensor cache and augment whole batches on the device.
+"""Augment whole batches of a ``uint8`` image cache on the training device.
 
-The per-image PIL pipeline of :mod:`adapters.recipes` spends most of a GPU
-epoch decoding JPEGs. This module removes that cost:
-
-1. :func:`decode_uint8` decodes every image of a split once (in parallel, with
-   DataLoader worker processes) into a ``uint8`` tensor ``N x 3 x C x C``
-   (``C`` = the cache size, e.g. 160) plus the labels and each image's
-   original height and width. Each image is *squashed* to ``C x C`` (PIL
-   bilinear, as :func:`adapters.datasets.imagenette.compute_stats` measures), so no
-   content is cut off; because a squash is a separable linear rescaling,
-   normalised coordinates in ``[-1, 1]`` are the same in the original image
-   and in its stored square, and crops are computed in the original image's
-   pixel geometry, so the crops the model sees are not distorted.
-2. :func:`load_or_decode` keeps that cache in a file (atomic write, read with
-   ``weights_only=True``) keyed by the data's fingerprint and ``C``, so later
-   runs and the other models reuse it.
-3. :class:`DeviceImagenette` holds the cache on the training device and yields
-   ready batches: per batch ONE ``affine_grid`` + ``grid_sample`` performs the
-   recipe's random (resized) crop, the resize to the crop size and the
-   horizontal flip; then colour jitter / PCA lighting, and the normalisation
-   (dataset mean/std, or AlexNet's mean image). The random parameters come
-   from a CPU ``torch.Generator`` seeded with ``(seed, epoch)`` only, so a
-   batch is the same on any device and after a resume.
+:class:`DeviceImagenette` holds the cache of :mod:`adapters.training.uint8_cache`
+on the training device and yields ready batches: per batch ONE
+``affine_grid`` + ``grid_sample`` performs the recipe's random (resized) crop,
+the resize to the crop size and the horizontal flip; then colour jitter / PCA
+lighting, and the normalisation (dataset mean/std, or AlexNet's mean image).
+What it does comes from the recipe's :class:`~adapters.training.augment.AugSpec`,
+the same entry the CPU transforms are built from. The random parameters come
+from a CPU ``torch.Generator`` seeded with ``(seed, epoch)`` only, so a batch
+is the same on any device and after a resume.
 
 What the fast path approximates (documented, measured on the same data):
 
@@ -43,184 +30,20 @@ What the fast path approximates (documented, measured on the same data):
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import math
-import os
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
 
-from .datasets.imagenette import DatasetStats
+from adapters.preprocess import DatasetStats
+from interp import parallel
 
-__all__ = [
-    "CACHE_FORMAT",
-    "UInt8Split",
-    "decode_uint8",
-    "cache_key",
-    "load_or_decode",
-    "crop_theta",
-    "affine_crop",
-    "AugSpec",
-    "aug_spec",
-    "DeviceImagenette",
-]
+from .augment import AugSpec
+from .data import rank_blocks
+from .uint8_cache import UInt8Split
 
-CACHE_FORMAT = "cnn-internals-uint8-cache/1"
-
-
-# --------------------------------------------------------------------------- decoding
-
-
-@dataclass
-class UInt8Split:
-    """One split decoded into tensors.
-
-    Attributes
-    ----------
-    images:
-        ``uint8`` ``N x 3 x C x C``, each image squashed to ``C x C``.
-    labels:
-        ``int64`` ``N``.
-    sizes:
-        ``int64`` ``N x 2``: each image's original ``(height, width)``.
-    """
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    sizes: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.labels.numel())
-
-
-class _Decode(Dataset):
-    """Item ``i``: (``uint8 3xCxC``, label, ``(h, w)``) of ``samples[i]``."""
-
-    def __init__(self, samples: Sequence[tuple[str, int]], size: int) -> None:
-        self.samples = list(samples)
-        self.size = int(size)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, torch.Tensor]:
-        import numpy as np
-        from PIL import Image
-
-        from .datasets.imagenette import load_rgb
-
-        path, label = self.samples[i]
-        img = load_rgb(path)
-        w, h = img.size
-        if img.size != (self.size, self.size):
-            # PIL bilinear shrinks with antialiasing, as compute_stats does.
-            img = img.resize((self.size, self.size), Image.BILINEAR)
-        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
-        return x, label, torch.tensor([h, w], dtype=torch.int64)
-
-
-def decode_uint8(samples: Sequence[tuple[str, int]], size: int, workers: int = 0,
-                 progress: bool = False, desc: str = "decode") -> UInt8Split:
-    """Decode ``(path, label)`` samples into a :class:`UInt8Split` at ``size x size``.
-
-    Parameters
-    ----------
-    samples:
-        ``(path, label)`` pairs, e.g. :attr:`adapters.datasets.imagenette.Imagenette.samples`.
-    size:
-        Side ``C`` of the stored squares.
-    workers:
-        Decoding processes (DataLoader workers; 0 = this process).
-    progress:
-        Show a tqdm bar.
-    desc:
-        Label of the bar.
-    """
-    if size < 1:
-        raise ValueError(f"cache size must be >= 1, got {size}")
-    if not samples:
-        raise ValueError("nothing to decode: the split is empty")
-    n = len(samples)
-    images = torch.empty(n, 3, size, size, dtype=torch.uint8)
-    labels = torch.empty(n, dtype=torch.int64)
-    sizes = torch.empty(n, 2, dtype=torch.int64)
-    loader = DataLoader(_Decode(samples, size), batch_size=64, shuffle=False, num_workers=workers)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n, desc=desc, unit="img")
-    i = 0
-    for x, y, hw in loader:
-        images[i:i + len(y)] = x
-        labels[i:i + len(y)] = y
-        sizes[i:i + len(y)] = hw
-        i += len(y)
-        if bar is not None:
-            bar.update(len(y))
-    if bar is not None:
-        bar.close()
-    return UInt8Split(images, labels, sizes)
-
-
-def cache_key(train_fingerprint: str, val_fingerprint: str, size: int) -> str:
-    """16 hex digits identifying the data (both splits' fingerprints) and the cache size."""
-    return hashlib.sha256(f"{CACHE_FORMAT}|{train_fingerprint}|{val_fingerprint}|{size}".encode()).hexdigest()[:16]
-
-
-def load_or_decode(train_set: Any, val_set: Any, size: int, path: str | os.PathLike | None = None,
-                   workers: int = 0, progress: bool = False, log=print) -> tuple[UInt8Split, UInt8Split]:
-    """The two splits as :class:`UInt8Split`, from ``path`` if it holds them, else decoded (and saved).
-
-    Parameters
-    ----------
-    train_set, val_set:
-        :class:`adapters.datasets.imagenette.Imagenette` datasets (their ``samples`` and
-        ``fingerprint()`` are used; their transforms are not).
-    size:
-        Cache side ``C``.
-    path:
-        Cache file; ``None`` keeps the cache in memory only. A file whose key
-        does not match the data is decoded again and overwritten.
-    workers:
-        Decoding processes.
-    progress:
-        Show progress bars while decoding.
-    log:
-        Where the one-line "cache read / written" messages go.
-    """
-    from .checkpoint import atomic_save
-
-    key = cache_key(train_set.fingerprint(), val_set.fingerprint(), size)
-    if path is not None and Path(path).is_file():
-        try:
-            d = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as exc:  # truncated / foreign file: decode afresh
-            log(f"ignoring unreadable uint8 cache {path} ({exc.__class__.__name__}); decoding again")
-            d = {}
-        if d.get("format") == CACHE_FORMAT and d.get("key") == key:
-            log(f"uint8 cache: read {path}")
-            return (UInt8Split(d["train_images"], d["train_labels"], d["train_sizes"]),
-                    UInt8Split(d["val_images"], d["val_labels"], d["val_sizes"]))
-    train = decode_uint8(train_set.samples, size, workers, progress, desc=f"decode train @{size}")
-    val = decode_uint8(val_set.samples, size, workers, progress, desc=f"decode val @{size}")
-    if path is not None:
-        atomic_save(
-            {"format": CACHE_FORMAT, "key": key, "size": int(size),
-             "train_images": train.images, "train_labels": train.labels, "train_sizes": train.sizes,
-             "val_images": val.images, "val_labels": val.labels, "val_sizes": val.sizes},
-            path,
-        )
-        log(f"uint8 cache: wrote {path} ({(train.images.numel() + val.images.numel()) / 2**20:.0f} MiB)")
-    return train, val
-
-
-# --------------------------------------------------------------------------- geometry
+__all__ = ["crop_theta", "affine_crop", "color_jitter", "DeviceImagenette"]
 
 
 def crop_theta(cx: torch.Tensor, cy: torch.Tensor, cw: torch.Tensor, ch: torch.Tensor,
@@ -306,66 +129,7 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: Sequence[int]) -
     return x
 
 
-# --------------------------------------------------------------------------- recipes
-
-
-@dataclass(frozen=True)
-class AugSpec:
-    """The tensor form of a recipe's transforms (see the module docstring).
-
-    Attributes
-    ----------
-    crop:
-        ``"resize_random"`` (shorter side to a length in ``short_range``,
-        random square crop), ``"rrc"`` (RandomResizedCrop with ``scale``),
-        ``"alexnet"`` (centre square, random crop at ``short_range[0]``,
-        mean-image subtraction) for training; val always takes the centre.
-    short_range:
-        Shorter side the image is resized to before the crop, in px at the
-        crop size (e.g. 256..256 or 256..480 for 224 crops).
-    scale, ratio:
-        RandomResizedCrop's area fraction and aspect ratio ranges.
-    jitter:
-        Colour jitter strengths (brightness, contrast, saturation, hue) or ``None``.
-    lighting:
-        PCA lighting alpha standard deviation (0 = none).
-    mean_image:
-        Subtract the dataset mean image (AlexNet) instead of mean/std normalisation.
-    """
-
-    crop: str
-    short_range: tuple[int, int]
-    scale: tuple[float, float] = (1.0, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    jitter: tuple[float, float, float, float] | None = None
-    lighting: float = 0.0
-    mean_image: bool = False
-
-
-def aug_spec(train_transform: str, image_size: int, crop_scale: float | None = None) -> AugSpec:
-    """The :class:`AugSpec` of a recipe's ``train_transform`` name at crop size ``image_size``.
-
-    ``crop_scale`` replaces the recipe's crop by RandomResizedCrop with area
-    scale ``crop_scale``..1, as :func:`adapters.recipes.rrc_train` does.
-    """
-    from .recipes import JITTER, _scaled, check_crop_scale
-
-    jit = (JITTER["brightness"], JITTER["contrast"], JITTER["saturation"], JITTER["hue"])
-    base = _scaled(image_size, 256)
-    specs = {
-        "alexnet_train": AugSpec("alexnet", (base, base), lighting=0.1, mean_image=True),
-        "vgg16_train": AugSpec("resize_random", (base, base), jitter=jit),
-        "inception_train": AugSpec("resize_random", (base, _scaled(image_size, 480)), jitter=jit),
-        "resnet18_train": AugSpec("resize_random", (base, _scaled(image_size, 480))),
-        "mobilenet_train": AugSpec("rrc", (base, base), scale=(0.5, 1.0), jitter=jit),
-    }
-    if train_transform not in specs:
-        raise ValueError(f"no GPU augmentation for transform {train_transform!r}; known: {', '.join(specs)}")
-    spec = specs[train_transform]
-    if crop_scale is not None:
-        check_crop_scale(crop_scale, "alexnet" if spec.crop == "alexnet" else None)
-        spec = dataclasses.replace(spec, crop="rrc", short_range=(base, base), scale=(float(crop_scale), 1.0))
-    return spec
+# --------------------------------------------------------------------------- batches
 
 
 def _uniform(g: torch.Generator, n: int, lo: float, hi: float) -> torch.Tensor:
@@ -380,7 +144,8 @@ class DeviceImagenette:
     train, val:
         The decoded splits.
     spec:
-        The tensor form of the recipe's training transform (:func:`aug_spec`).
+        The recipe's training augmentation at crop size ``image_size``
+        (:func:`adapters.training.recipes.augmentation`).
     stats:
         Dataset statistics (mean/std, eigen-decomposition, mean image).
     image_size:
@@ -498,14 +263,12 @@ class DeviceImagenette:
         """Epoch ``epoch``'s shuffled, augmented batches ``(x float Bx3xSxS, y)``; a function of ``(seed, epoch)``.
 
         With ``world > 1`` (DDP) only rank ``rank``'s block of each global
-        batch of ``batch_size`` (:func:`adapters.training.rank_blocks`):
+        batch of ``batch_size`` (:func:`adapters.training.data.rank_blocks`):
         every rank draws the random parameters of the whole global batch from
         the same generator and crops only its own images, so the union over
         the ranks is exactly the single-process batch, augmentation included.
         Every rank holds the whole cache: any image can fall to any rank.
         """
-        from .training import rank_blocks
-
         g = torch.Generator()
         # Its own stream, apart from the DataLoader path's shuffling generator.
         g.manual_seed(seed * 100_003 + epoch + 0x5EED_0000)
@@ -551,9 +314,7 @@ class DeviceImagenette:
 
     def val_batches(self, batch_size: int, rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The validation split in order, centre-cropped and normalised (rank ``rank``'s block of it when ``world > 1``)."""
-        from interp.parallel import shard
-
-        block = shard(len(self.val), rank, world)
+        block = parallel.shard(len(self.val), rank, world)
         n = block.stop
         base = float(self.spec.short_range[0])
         for start in range(block.start, n, batch_size):

@@ -32,16 +32,22 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from safetensors.torch import load_file, save
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
 
+from adapters.checkpoint import write_atomic
+from adapters.datasets import Imagenette
+from adapters.datasets.imagenette import default_cache_dir
 from interp import parallel as dist
 
-from .datasets.imagenette import Imagenette, default_cache_dir
+from .recipe import Recipe
+from .spec import TrainSpec
 
 __all__ = [
     "last_linear", "backbone_features", "train_head", "zero_shot", "replace_head", "full_setup", "new_head",
-    "RandomFlip", "IMAGENET_CLASSES",
+    "RandomFlip", "IMAGENET_CLASSES", "feature_cache_key", "accuracy", "imagenette",
 ]
 
 # ImageNet-1k index of each Imagenette class, in sorted-wnid order (MANIFEST.md).
@@ -70,7 +76,12 @@ def replace_head(model: nn.Module, head: nn.Linear) -> None:
     setattr(parent, attr, head)
 
 
-def _cache_key(model_id: str, weights: str | None, data: Imagenette) -> str:
+def feature_cache_key(model_id: str, weights: str | None, data: Imagenette) -> str:
+    """Key of the feature cache of model ``model_id`` with ``weights`` on ``data`` (its exact file list).
+
+    A weights file's size and modification time are part of the key, so
+    retrained weights under the same name get new features.
+    """
     h = hashlib.sha256(f"{model_id}\n{weights}\n{data.fingerprint()}\n".encode())
     if weights and Path(weights).is_file():
         st = Path(weights).stat()
@@ -103,7 +114,7 @@ def backbone_features(
         Folder for the cache file (default ``<cnn-internals cache>/features``);
         the file is ``<key>.safetensors``, written atomically (by rank 0).
     key:
-        Cache key (see :func:`_cache_key`); ``None`` disables the cache.
+        Cache key (see :func:`feature_cache_key`); ``None`` disables the cache.
     batch_size:
         Images per forward pass (per process).
     device:
@@ -119,11 +130,6 @@ def backbone_features(
         ``N x D`` float32, ``N x K`` float32 (the original head's outputs), ``N`` int64;
         the same on every rank under torchrun.
     """
-    from safetensors.torch import load_file, save
-    from tqdm.auto import tqdm
-
-    from .checkpoint import write_atomic
-
     folder = Path(cache) if cache is not None else default_cache_dir() / "features"
     file = folder / f"{key}.safetensors" if key else None
     # Rank 0 decides (and reads): the other ranks need not share its file system.
@@ -135,8 +141,8 @@ def backbone_features(
     feats: list[torch.Tensor] = []
     handle = head.register_forward_pre_hook(lambda _m, args: feats.append(args[0].detach().float().cpu()))
     logits, labels = [], []
-    part = torch.utils.data.Subset(data, dist.shard(len(data))) if dist.active() else data  # type: ignore[arg-type]
-    loader = torch.utils.data.DataLoader(part, batch_size=batch_size, shuffle=False)
+    part = Subset(data, dist.shard(len(data))) if dist.active() else data  # type: ignore[arg-type]
+    loader = DataLoader(part, batch_size=batch_size, shuffle=False)
     model.eval().to(device)
     try:
         for x, y in tqdm(loader, desc=desc, unit="batch", disable=not progress or not dist.is_main(), leave=False):
@@ -172,8 +178,6 @@ def train_head(
     drops straight into the model with :func:`replace_head`. ``progress``
     shows a tqdm bar over the steps (with the loss).
     """
-    from tqdm.auto import tqdm
-
     if features.ndim != 2 or len(features) != len(labels):
         raise ValueError(f"features must be N x D with N labels, got {tuple(features.shape)} and {len(labels)}")
     head = new_head(features.shape[1], num_classes, seed)
@@ -246,8 +250,8 @@ def full_setup(
     name: str = "finetune-full",
     head: nn.Linear | None = None,
     frozen_bn: bool = True,
-):
-    """A :class:`adapters.training.TrainSpec` that fine-tunes every weight of ``model`` with a new head.
+) -> TrainSpec:
+    """A :class:`~adapters.training.spec.TrainSpec` that fine-tunes every weight of ``model`` with a new head.
 
     The last ``nn.Linear`` is replaced by ``head`` (e.g. one trained on frozen
     features first, :func:`train_head`: "linear probe, then fine-tune", which
@@ -277,10 +281,8 @@ def full_setup(
         The head to start from (``in_features`` must fit); ``None``: a fresh one.
     frozen_bn:
         BatchNorm layers keep their pretrained statistics (eval mode) while
-        every weight trains (:attr:`adapters.training.TrainSpec.frozen_bn`).
+        every weight trains (:attr:`adapters.training.spec.TrainSpec.frozen_bn`).
     """
-    from .training import Recipe, TrainSpec
-
     _, old = last_linear(model)
     if head is None:
         head = new_head(old.in_features, num_classes, seed)
@@ -291,7 +293,7 @@ def full_setup(
         p.requires_grad_(True)
     model.train()
     recipe = Recipe(name=name, epochs=epochs, batch_size=batch_size, optimizer="adamw", lr=lr,
-                    weight_decay=weight_decay, scheduler="cosine")
+                    optimizer_kwargs={"weight_decay": weight_decay}, scheduler="cosine")
     return TrainSpec(
         model=model, train_set=RandomFlip(train_set), val_set=val_set, recipe=recipe,
         loss_fn=nn.CrossEntropyLoss(), val_name=f"imagenette-val[{len(val_set)}]" if val_set is not None else "val",
@@ -317,6 +319,6 @@ def accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
     return float((pred == labels).float().mean())
 
 
-def imagenette(root, split: str, preprocess: Callable, limit: int | None) -> Imagenette:
+def imagenette(root: str | os.PathLike | None, split: str, preprocess: Callable, limit: int | None) -> Imagenette:
     """Imagenette ``split`` with ``preprocess`` as transform (``limit`` spread over the classes)."""
     return Imagenette(root, split=split, transform=preprocess, limit=limit)
