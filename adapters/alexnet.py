@@ -69,7 +69,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .checkpoint import load_into
+from .checkpoint import built
 from .init import init_weights
 from .preprocess import imagenette_mean_image_crop
 from .registry import Card, register_model
@@ -165,10 +165,7 @@ def load(weights: str | os.PathLike | None = None, num_classes: int = 10, **kwar
         to 256, centre 256 crop, scale to [0, 1], subtract the Imagenette
         training-set mean image (shipped in the package), centre 224 crop.
     """
-    model = AlexNet(num_classes=num_classes, **kwargs)
-    if weights is not None:
-        load_into(model, weights, "alexnet")
-    return model.eval(), imagenette_mean_image_crop()
+    return built(AlexNet(num_classes=num_classes, **kwargs), weights, "alexnet", imagenette_mean_image_crop())
 
 
 CARD = register_model(Card(

@@ -86,6 +86,15 @@ def load_into(model: torch.nn.Module, weights: str | os.PathLike, name: str,
         raise ValueError(f"{weights} does not fit {name}: {detail}") from exc
 
 
+def built(model: torch.nn.Module, weights: str | os.PathLike | None, name: str,
+          preprocess: Callable) -> tuple[torch.nn.Module, Callable]:
+    """The tail every model's ``load`` shares: ``weights`` loaded into ``model`` (``None`` or
+    ``"random"``: as initialised), the model in eval mode, and its ``preprocess``."""
+    if weights is not None:
+        load_into(model, weights, name)
+    return model.eval(), preprocess
+
+
 def write_atomic(path: str | os.PathLike, data: bytes | str | Callable[[IO[bytes]], None]) -> Path:
     """Write a file so that no reader ever sees it half-written; returns the path.
 

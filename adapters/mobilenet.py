@@ -49,7 +49,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .checkpoint import load_into
+from .checkpoint import built
 from .init import init_weights
 from .preprocess import imagenette_resize_crop
 from .registry import Card, register_model
@@ -148,13 +148,9 @@ def load(
     Returns
     -------
     (model, preprocess)
-        ``preprocess``: resize 256, centre 224 crop, [0, 1], Imagenette mean/std
-        (shipped in the package).
+        The model in eval mode and :func:`adapters.preprocess.imagenette_resize_crop`.
     """
-    model = MobileNetV1(num_classes=num_classes, width_mult=width_mult, **kwargs)
-    if weights is not None:
-        load_into(model, weights, "mobilenet")
-    return model.eval(), imagenette_resize_crop()
+    return built(MobileNetV1(num_classes=num_classes, width_mult=width_mult, **kwargs), weights, "mobilenet", imagenette_resize_crop())
 
 
 CARD = register_model(Card(

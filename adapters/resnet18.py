@@ -47,7 +47,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .checkpoint import load_into
+from .checkpoint import built
 from .hub import torchvision_into
 from .init import init_weights
 from .preprocess import imagenette_resize_crop
@@ -181,17 +181,13 @@ def load(weights: str | os.PathLike | None = None, num_classes: int = 10, **kwar
     Returns
     -------
     (model, preprocess)
-        ``preprocess``: resize 256, centre 224 crop, [0, 1], Imagenette mean/std
-        (shipped in the package).
+        The model in eval mode and :func:`adapters.preprocess.imagenette_resize_crop`.
     """
     transferred = torchvision_into(weights, ("resnet18",), "fc.weight",
                                    lambda n: ResNet18(num_classes=n, **kwargs), from_torchvision_state_dict)
     if transferred is not None:
         return transferred
-    model = ResNet18(num_classes=num_classes, **kwargs)
-    if weights is not None:
-        load_into(model, weights, "resnet18")
-    return model.eval(), imagenette_resize_crop()
+    return built(ResNet18(num_classes=num_classes, **kwargs), weights, "resnet18", imagenette_resize_crop())
 
 
 CARD = register_model(Card(

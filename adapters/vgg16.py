@@ -54,7 +54,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .checkpoint import load_into
+from .checkpoint import built
 from .hub import torchvision_into
 from .init import init_weights
 from .preprocess import imagenette_resize_crop
@@ -173,17 +173,13 @@ def load(weights: str | os.PathLike | None = None, num_classes: int = 10, **kwar
     Returns
     -------
     (model, preprocess)
-        ``preprocess``: resize 256, centre 224 crop, [0, 1], Imagenette mean/std
-        (shipped in the package).
+        The model in eval mode and :func:`adapters.preprocess.imagenette_resize_crop`.
     """
     transferred = torchvision_into(weights, ("vgg16", "vgg16_bn"), "classifier.6.weight",
                                    lambda n: VGG16(num_classes=n, **kwargs), from_torchvision_state_dict)
     if transferred is not None:
         return transferred
-    model = VGG16(num_classes=num_classes, **kwargs)
-    if weights is not None:
-        load_into(model, weights, "vgg16")
-    return model.eval(), imagenette_resize_crop()
+    return built(VGG16(num_classes=num_classes, **kwargs), weights, "vgg16", imagenette_resize_crop())
 
 
 CARD = register_model(Card(

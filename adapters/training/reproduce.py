@@ -18,7 +18,10 @@
 Every step is a subprocess (:class:`Job`) writing its own log under
 ``OUT/logs/``; a failed job is reported and the others go on
 (:func:`run_jobs`). A step already complete is skipped, an interrupted
-training resumes from its ``last.pt``.
+training resumes from its ``last.pt``: run the command again to finish what a
+time limit cut (``--deadline`` stops the training step cleanly after that many
+seconds, so the panels of what exists still get drawn). Runs on the CPU as
+well (with ``--limit``/``--epochs`` for a smoke run).
 """
 from __future__ import annotations
 

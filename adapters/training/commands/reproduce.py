@@ -1,27 +1,8 @@
-"""``cnn-internals reproduce``: the original work, end to end, in one resumable command.
+"""``cnn-internals reproduce``: the command line of :mod:`adapters.training.reproduce`.
 
-1. **train** the five Imagenette models from scratch with their recipes
-   (``cnn-internals train``, one process each) and fully fine-tune the
-   pretrained twins whose real weights are on the machine
-   (``cnn-internals finetune --full``). On a GPU the jobs share it and run
-   together (``--parallel``), with bf16 autocast, channels_last and the uint8
-   image cache augmented on the GPU; the cache is decoded once, here, before
-   they start.
-2. **panels**: the original's panels (guided backprop, the layers its README
-   shows, :data:`adapters.FIGURE_LAYERS`) for every trained model
-   (``cnn-internals visualize``), and for each from-scratch model with a
-   fine-tuned twin the side-by-side panels plus the linear-CKA heatmap
-   (``cnn-internals compare``).
-3. **report**: ``OUT/results.json`` and ``OUT/results.md`` (accuracy table
-   with the targets, epochs and minutes of every run).
-
-Every step is a subprocess writing its own log under ``OUT/logs/``; a failed
-job is reported and the others go on. A step already complete is skipped,
-an interrupted training resumes from its ``last.pt``: run the command again
-to finish what a time limit cut (``--deadline`` stops the training step
-cleanly after that many seconds, so the panels of what exists still get
-drawn). Runs on the CPU as well (with ``--limit``/``--epochs`` for a smoke
-run).
+The stages (train, panels, report), the jobs and how they resume are
+described there; this module parses the arguments, runs the chosen stages and
+writes ``OUT/results.json`` and ``OUT/results.md``.
 """
 from __future__ import annotations
 
