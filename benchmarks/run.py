@@ -10,6 +10,7 @@ Examples
 ``python -m benchmarks.run --device cpu --quick``
 ``python -m benchmarks.run --device cuda --json gpu.json``
 ``python -m benchmarks.run --device cpu --only projection --cases vgg16:features.12 --methods guided``
+``python -m benchmarks.run --only projection --cases vgg16:features.28 --methods guided --units shared,distinct --flops``
 """
 from __future__ import annotations
 
@@ -43,6 +44,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "googlenet inception4c, mobilenet_v2 features.7; quick: resnet18 layer2.1.conv2)")
     p.add_argument("--methods", default=None, help="projection methods, e.g. guided,deconvnet (default: both; "
                                                    "quick: guided)")
+    p.add_argument("--units", default=None,
+                   help="projection unit sets, comma-separated: shared (6 channels x 9 images, the default) and/or "
+                        "distinct (54 units on 54 distinct images)")
+    p.add_argument("--flops", action="store_true",
+                   help="projection: also count the FLOPs of ours and of Captum per unit (FlopCounterMode) and "
+                        "print their ratio, the arithmetic bound on the speed-up")
+    p.add_argument("--skip", default=None,
+                   help="projection baselines to leave out, comma-separated: zennit, naive (saves minutes on deep "
+                        "layers; Captum per unit always runs)")
+    p.add_argument("--repeats-ours", type=int, default=None, help="projection: repeats of ours (default 5; quick 3)")
     p.add_argument("--e2e-limit", type=int, default=None,
                    help="end to end on N val images spread over the classes (default: all; quick: 24)")
     p.add_argument("--repeats", type=int, default=None,
@@ -103,6 +114,11 @@ def run_suite(args: argparse.Namespace, log: Callable[[str], None] = print,
     only = parse_list(args.only, BENCHMARKS, "benchmark")
     methods = parse_list(args.methods, ("guided", "deconvnet", "gradient"), "method")
     cases = parse_cases(args.cases)
+    unit_sets = parse_list(getattr(args, "units", None), projection.UNIT_SETS, "unit set")
+    skip = parse_list(getattr(args, "skip", None), ("zennit", "naive"), "baseline") or []
+    repeats_ours = getattr(args, "repeats_ours", None)
+    if repeats_ours is not None and repeats_ours < 1:
+        raise ValueError(f"--repeats-ours must be >= 1, got {repeats_ours}")
     if args.repeats is not None and args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     if args.mining_images is not None and args.mining_images < 1:
@@ -127,9 +143,14 @@ def run_suite(args: argparse.Namespace, log: Callable[[str], None] = print,
             ps = projection.QUICK if args.quick else projection.FULL
             if args.repeats is not None:
                 ps = replace(ps, repeats_baseline=args.repeats, repeats_naive=max(1, args.repeats // 2))
-            ps = replace(ps, dtype=getattr(args, "dtype", "float32"))
-            rows = projection.run(device, args.quick, cases=cases, methods=methods, settings=ps, log=log)
-            table = markdown(rows, "Projection (54 units = 6 channels x 9 images)")
+            ps = replace(ps, dtype=getattr(args, "dtype", "float32"), flops=bool(getattr(args, "flops", False)),
+                         skip=tuple(skip))
+            if repeats_ours is not None:
+                ps = replace(ps, repeats_ours=repeats_ours)
+            rows = projection.run(device, args.quick, cases=cases, methods=methods, settings=ps, log=log,
+                                  unit_sets=tuple(unit_sets) if unit_sets else None)
+            table = markdown(rows, "Projection (54 units = 6 channels x 9 images; 'on 54 images': one image per unit)")
+            table += ("\n" + projection.flop_table(rows)) if ps.flops else ""
         elif name == "mining":
             ms = mining.QUICK if args.quick else mining.FULL
             if args.mining_images is not None:

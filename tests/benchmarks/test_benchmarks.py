@@ -122,3 +122,48 @@ def test_pass_size_follows_the_device():
     assert _auto_rows(224, 224) == 16 and _auto_rows(224, 224, "cpu") == 16
     assert _auto_rows(224, 224, "cuda") == 64  # the original's 54 units in one pass on a GPU
     assert _auto_rows(36, 36) == 256 and _auto_rows(36, 36, "cuda") == 256  # capped rows for small crops
+
+
+def test_projection_distinct_units_and_flops():
+    """The one-image-per-unit set: each unit on its own image; FLOPs counted for ours and Captum."""
+    s = replace(SMALL, unit_set="distinct", flops=True, skip=("zennit", "naive"))
+    rows = projection.run_case("tiny", "2", "guided", torch.device("cpu"), s, model=tiny())
+    assert {r.impl for r in rows} == {"ours", "captum per-unit"}
+    assert all(r.case == "tiny 2 guided (6 units on 6 images, 32px)" and r.status == "ok" for r in rows)
+    ours, cap = sorted(rows, key=lambda r: r.impl != "ours")
+    assert ours.extra["flops"] > 0 and ours.extra["flop_ratio"] == 1.0
+    assert cap.extra["flops"] > ours.extra["flops"]  # Captum runs the whole network per unit
+    assert cap.extra["flop_ratio"] == pytest.approx(cap.extra["flops"] / ours.extra["flops"])
+    table = projection.flop_table(rows)
+    assert "| tiny 2 guided (6 units on 6 images, 32px) |" in table and "FLOP ratio" in table
+
+
+def test_distinct_units_sit_on_their_own_images():
+    model = tiny()
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    units = projection.make_units_distinct(model, "2", images, 2)
+    assert sorted(u[0] for u in units) == list(range(6))
+    assert [u[1] for u in units][:3] == [units[0][1]] * 3 and units[3][1] != units[0][1]
+    shared = projection.make_units(model, "2", images, 2)
+    assert set(units) <= set(shared)  # each at its channel's strongest position in its image
+
+
+def test_count_flops_of_a_conv():
+    conv = nn.Conv2d(2, 4, 3, padding=1, bias=False)
+    x = torch.randn(1, 2, 8, 8)
+    assert projection.count_flops(lambda: conv(x)) == 2 * 4 * 2 * 9 * 64  # 2 FLOPs per multiply-add
+
+
+def test_suite_unit_sets_and_skips(tmp_path, monkeypatch):
+    monkeypatch.setattr(projection, "build_torchvision", tiny)
+    monkeypatch.setattr(projection, "QUICK", SMALL)
+    out = tmp_path / "r.json"
+    argv = ["--device", "cpu", "--quick", "--only", "projection", "--cases", "tiny:2", "--units", "shared,distinct",
+            "--skip", "zennit,naive", "--flops", "--repeats-ours", "1", "--json", str(out)]
+    assert run.main(argv) == 0
+    rows = json.loads(out.read_text())["benchmarks"]["projection"]["rows"]
+    assert {r["case"] for r in rows} == {"tiny 2 guided (6 units, 32px)", "tiny 2 guided (6 units on 6 images, 32px)"}
+    assert {r["impl"] for r in rows} == {"ours", "captum per-unit"}
+    assert all(r["extra"]["flops"] > 0 for r in rows)
+    assert run.main(["--units", "nope"]) == 2
+    assert run.main(["--skip", "captum"]) == 2
