@@ -53,6 +53,7 @@ def mine(
     receptive_fields: bool = True,
     distributed: bool | None = None,
     channels_last: bool = True,
+    fast: bool = True,
 ) -> TopK:
     """Find the top-``k`` images per channel of several layers in one pass.
 
@@ -102,6 +103,14 @@ def mine(
         1.15x, GoogLeNet 1.6x, MobileNet v2 1.8x). Values agree with the
         model's own layout to float rounding (~1e-6 relative), so two
         near-equal activations may swap ranks. ``False``: the model's layout.
+    fast:
+        Screen every image with a fast copy of the model (BatchNorm folded
+        into the convs, bfloat16, frozen graph), then run the plain pass on
+        the candidates only and check each channel's top-k against what was
+        screened out (:mod:`interp.fast`): the same top-k as the plain pass.
+        Used in one process on a CPU for module layers of an fx-traceable
+        fp32 model with :class:`interp.data.IndexedImages` or tensor data;
+        elsewhere (and with ``False``) the plain pass runs over every image.
 
     Returns
     -------
@@ -132,7 +141,7 @@ def mine(
     with progress_bar(_length(data), f"mining {len(names)} layer(s)", "img", progress) as bar:
         return mine_local(model, data, names, channels, k, batch_size, device, model_id=model_id,
                           receptive_fields=receptive_fields, channels_last=channels_last,
-                          batches=counted(iter_batches(data, batch_size, num_workers), bar))
+                          batches=counted(iter_batches(data, batch_size, num_workers), bar), fast=fast)
 
 
 def visualize(
@@ -154,6 +163,7 @@ def visualize(
     num_workers: int = 0,
     distributed: bool | None = None,
     weights_info: dict | None = None,
+    fast: bool = True,
 ) -> VisualizeResult:
     """Mine, project and draw panels plus an HTML gallery into ``out_dir``.
 
@@ -201,6 +211,8 @@ def visualize(
         ``{"random": True, "seed": 0}``: recorded as ``"weights"`` in
         ``topk.json`` and ``gallery.json`` and shown in the gallery header.
         ``None`` (default): the one a given ``topk`` holds, else unrecorded.
+    fast:
+        As for :func:`interp.mine` (one process only).
 
     Returns
     -------
@@ -233,4 +245,4 @@ def visualize(
                                device=device, topk=topk, web=web, num_workers=num_workers,
                                weights_info=weights_info, report=report,
                                mine=functools.partial(mine, num_workers=num_workers, progress=progress,
-                                                      distributed=False))
+                                                      distributed=False, fast=fast))

@@ -28,6 +28,7 @@ from torch import nn
 from ._utils import preserved
 from .capture import LayerTaps
 from .data import IndexedImages, collate_skipping
+from .fast import Replay, applies, screened_scan
 from .layers import block_layers, children_layers, conv_layers, layer_kind, resolve_layer
 from .layer_fields import collected_notes, layer_fields
 from .layout import as_channels_last, channels_last as channels_last_layout
@@ -416,6 +417,7 @@ def mine_local(
     receptive_fields: bool = True,
     channels_last: bool = True,
     batches: Iterable[Batch | None] | None = None,
+    fast: bool = True,
 ) -> TopK:
     """:func:`interp.mine` in this process alone, without a progress bar: the core every caller shares.
 
@@ -428,6 +430,10 @@ def mine_local(
         (default: :func:`iter_batches` of all of it, decoded in this
         process). A caller passes its own to decode in worker processes, to
         count images on a progress bar, or to mine a part of the data.
+    fast:
+        Screen every image with a fast copy of the model, then run the plain
+        pass on the candidates only (:mod:`interp.fast`); ``False``: the
+        plain pass over every image.
 
     Returns
     -------
@@ -435,7 +441,17 @@ def mine_local(
         As :func:`interp.mine`; it never looks for a process group.
     """
     todo = plan(model, data, layers, channels, k, batch_size)
-    seen = scan(model, todo, iter_batches(data, batch_size) if batches is None else batches, device, channels_last)
+    batches = iter_batches(data, batch_size) if batches is None else batches
+    seen = None
+    target = torch.device(device) if device is not None else _model_device(model)
+    if fast and applies(data, target):
+        got = screened_scan(model, todo, data, batches, target, channels_last, batch_size, scan, Scan, Running)
+        if isinstance(got, Replay):
+            batches = got
+        else:
+            seen = got
+    if seen is None:
+        seen = scan(model, todo, batches, device, channels_last)
     seen.require_images()
     fields = seen.fields(model) if receptive_fields else {}
     return seen.topk(model, model_id, fields, getattr(data, "path", None))
