@@ -23,6 +23,7 @@ from torch import nn
 
 from ._utils import HookSet, StopForward, model_device, preserved
 from ._trace import trace
+from .cone import cost as cone_cost, plan as cone_plan, run as cone_run
 from .layers import LayerRef, resolve_layer
 from .rf import receptive_field
 from .rules import METHODS, RuleMode, warn_unknown_nonlinearities
@@ -142,6 +143,7 @@ def project(
     method: str = "guided",
     batch_size: int | None = None,
     crop: bool | None = None,
+    cone: bool | None = None,
 ) -> torch.Tensor:
     """Project activations of ``layer`` back to pixel space.
 
@@ -182,6 +184,17 @@ def project(
         when the traced field is local and cropping saves at least 10 % of
         the work (pixels forwarded and back-propagated, counting the images
         that several units share); ``False``: never; ``True``: whenever the field is local.
+    cone:
+        Run each unit on its dependency cone (:mod:`interp.cone`): the
+        window of every map that the unit depends on, each layer without
+        padding so the map shrinks to the next window (exact: the original
+        padding is put back where a window leaves the map). Applies when the
+        path from the input to ``layer`` is a plain chain of convolutions,
+        max/avg pools, eval BatchNorm and pointwise modules (VGG, AlexNet
+        ``features``); deep units then cost a fraction of a crop's forward.
+        ``None`` (default): when it applies and its estimated multiply-adds
+        are below the crop (or whole-image) path's; ``False``: never;
+        ``True``: whenever it applies. ``batch_size`` counts windows.
 
     Returns
     -------
@@ -210,10 +223,16 @@ def project(
         # Plain ints from here on: indexing a tensor per unit costs a dispatch each time.
         units_l = [tuple(u) for u in units_t.tolist()]
         plans = _crop_plans(model, ref.name, images.shape, units_l, crop)
+        rules = _Rules(method, ref.name)
+        chain = _choose_cone(model, ref.name, images.shape, probe.shape, units_l, plans, cone)
+        if chain is not None:
+            (_, _, kh), (_, _, kw) = chain.windows[0]
+            rows = batch_size if batch_size is not None else _auto_rows(kh, kw, device)
+            cone_run(chain, images, units_l, rules, device, result, rows)
+            return result
         groups: dict[tuple[int, int], list[int]] = {}
         for i, plan in enumerate(plans):
             groups.setdefault((plan[2] - plan[0], plan[3] - plan[1]), []).append(i)
-        rules = _Rules(method, ref.name)
         for (h, w), members in groups.items():
             rows = batch_size if batch_size is not None else _auto_rows(h, w, device)
             for idx in _chunks(units_l, plans, members, rows):
@@ -447,21 +466,33 @@ def _crop_plans(model, layer: str, shape, units, crop: bool | None) -> list[tupl
     return plans
 
 
-def _work(units, plans) -> int:
+def _choose_cone(model, layer: str, shape, out_shape, units, plans, cone: bool | None):
+    """The :class:`~interp.cone.Cone` to run ``units`` on, or ``None`` for the crop/whole-image path."""
+    if cone is False:
+        return None
+    chain = cone_plan(model, layer, shape[2], shape[3], out_shape)
+    if chain is None or cone is True:
+        return chain
+    crop_cost = _work(units, plans, chain.map_cost)
+    return chain if cone_cost(chain, units) < crop_cost else None
+
+
+def _work(units, plans, cost=None) -> float:
     """Pixels processed by :func:`project` for ``plans``: (passes per input) x input area.
 
     Counted as :func:`_rounds` schedules it, over all units together: ``D``
     distinct inputs forwarded once with ``R`` rounds of backward cost about
     ``D * (1 + 2R)`` passes, one row per unit ``3U``; the smaller is taken.
     Cropping loses the sharing of units that sit on one image at different
-    places, so it only pays when the smaller area outweighs that.
+    places, so it only pays when the smaller area outweighs that. ``cost``:
+    work of one pass on an input of ``(height, width)`` (default: its area).
     """
     count: dict[tuple[int, int, int], int] = {}
     area: dict[tuple[int, int, int], int] = {}
     for i, (top, left, bottom, right, _, _) in enumerate(plans):
         key = _input_key(units, plans, i)
         count[key] = count.get(key, 0) + 1
-        area[key] = (bottom - top) * (right - left)
+        area[key] = cost(bottom - top, right - left) if cost is not None else (bottom - top) * (right - left)
     shared = sum(area.values()) * (1 + 2 * max(count.values()))
     alone = 3 * sum(area[k] * n for k, n in count.items())
     return min(shared, alone)
