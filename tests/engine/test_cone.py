@@ -12,28 +12,7 @@ import interp
 import interp.cone
 from interp.cone import plan
 
-
-class RefGuidedReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        out = x.clamp(min=0)
-        ctx.save_for_backward(out)
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        (out,) = ctx.saved_tensors
-        return g.clamp(min=0) * (out > 0)
-
-
-class RefDeconvReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.clamp(min=0)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g.clamp(min=0)
+from _refs import RefDeconvReLU, RefGuidedReLU, reference_projection
 
 
 class RefReLU(nn.Module):
@@ -82,19 +61,7 @@ def reference(model, images, layer, units, method):
     for name, m in list(twin.named_modules()):
         if isinstance(m, nn.ReLU):
             twin[int(name)] = RefReLU(REF[method])
-    target = twin[int(layer)]
-    out = []
-    for n, c, y, x in units:
-        inp = images[n : n + 1].clone().requires_grad_(True)
-        captured = []
-        handle = target.register_forward_hook(lambda m, i, o: captured.append(o))
-        try:
-            twin(inp)
-        finally:
-            handle.remove()
-        (g,) = torch.autograd.grad(captured[0][0, c, y, x], inp)
-        out.append(g[0])
-    return torch.stack(out)
+    return reference_projection(twin, images, twin[int(layer)], units, twin)
 
 
 def border_units(model, images, layer):

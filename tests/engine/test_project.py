@@ -24,47 +24,11 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-# --- independent reference rules -----------------------------------------
-class RefGuidedReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        out = x.clamp(min=0)
-        ctx.save_for_backward(out)
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        (out,) = ctx.saved_tensors
-        return torch.where(out > 0, torch.where(g > 0, g, torch.zeros_like(g)), torch.zeros_like(g))
-
-
-class RefDeconvReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.clamp(min=0)
-
-    @staticmethod
-    def backward(ctx, g):
-        return torch.where(g > 0, g, torch.zeros_like(g))
+# --- independent reference rules (tests/_refs.py) --------------------------
+from _refs import RefDeconvReLU, RefGuidedReLU, reference_projection  # noqa: E402
 
 
 REF = {"guided": RefGuidedReLU, "deconvnet": RefDeconvReLU}
-
-
-def reference_projection(model, images, layer_module, units, fn):
-    """One forward+backward per unit, capturing the layer with a plain hook."""
-    out = []
-    for n, c, y, x in units:
-        inp = images[n : n + 1].clone().requires_grad_(True)
-        captured = []
-        h = layer_module.register_forward_hook(lambda m, i, o: captured.append(o))
-        try:
-            fn(inp)
-        finally:
-            h.remove()
-        (g,) = torch.autograd.grad(captured[0][0, c, y, x], inp)
-        out.append(g[0])
-    return torch.stack(out)
 
 
 def no_inplace(model):
