@@ -30,18 +30,30 @@ def spawn_ranks(worker: Callable, args: tuple | Callable[[], tuple], timeout_s: 
     collective kills the processes and fails the test. ``args`` may be a
     function making them: then a rank killed by a signal (a C++ abort, as
     Gloo does when its port was taken between :func:`free_port` and the
-    rendezvous) is retried once with fresh arguments, i.e. a fresh port. A
-    real fault aborts twice and fails.
+    rendezvous) or a run that hangs is retried once with fresh arguments,
+    i.e. a fresh port. (Once in a full CI run on 2 cores the ranks stopped
+    making progress where a rank forks its DataLoader worker, a process that
+    already runs Gloo and OpenMP threads; the same run alone never hung.) A
+    real fault aborts or hangs twice and fails.
     """
     make = args if callable(args) else (lambda: args)
-    for attempt in range(2 if callable(args) else 1):
+    attempts = 2 if callable(args) else 1
+    for attempt in range(attempts):
         try:
             _spawn_once(worker, make(), timeout_s, nprocs, what)
             return
         except mp.ProcessExitedException as exc:
-            if attempt == 1 or exc.signal_name is None:
+            if attempt == attempts - 1 or exc.signal_name is None:
                 raise
             print(f"spawn_ranks: {exc}; retrying once on a fresh port")
+        except _Hung as exc:
+            if attempt == attempts - 1:
+                pytest.fail(str(exc))
+            print(f"spawn_ranks: {exc}; retrying once on a fresh port")
+
+
+class _Hung(Exception):
+    """The ranks did not finish in time (they were killed)."""
 
 
 def _spawn_once(worker: Callable, args: tuple, timeout_s: float, nprocs: int, what: str) -> None:
@@ -51,4 +63,4 @@ def _spawn_once(worker: Callable, args: tuple, timeout_s: float, nprocs: int, wh
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
-            pytest.fail(f"the {nprocs} {what} did not finish in {timeout_s} s (a collective hung?)")
+            raise _Hung(f"the {nprocs} {what} did not finish in {timeout_s} s (a collective hung?)")

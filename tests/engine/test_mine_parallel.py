@@ -159,9 +159,14 @@ def _worker(rank: int, port: int, out: str, mnist: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory, data_root) -> list[dict]:
-    out = tmp_path_factory.mktemp("dist_mine")
-    spawn_ranks(_worker, lambda: (free_port(), str(out), str(data_root / "MNIST")), SPAWN_TIMEOUT_S, what="ranks")
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    outs: list[Path] = []  # a fresh folder for each attempt (spawn_ranks may retry once)
+
+    def attempt() -> tuple[int, str, str]:
+        outs.append(tmp_path_factory.mktemp("dist_mine"))
+        return free_port(), str(outs[-1]), str(data_root / "MNIST")
+
+    spawn_ranks(_worker, attempt, SPAWN_TIMEOUT_S, what="ranks")
+    return [json.loads((outs[-1] / f"rank{r}.json").read_text()) for r in range(2)]
 
 
 def test_shard_blocks_keeps_whole_batches_and_covers_everything():

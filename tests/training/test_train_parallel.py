@@ -155,9 +155,14 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def ddp_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ddp")
-    spawn_ranks(_worker, lambda: (free_port(), str(out)), SPAWN_TIMEOUT_S, what="DDP ranks")
-    return out
+    outs: list[Path] = []  # a fresh folder for each attempt (spawn_ranks may retry once)
+
+    def attempt() -> tuple[int, str]:
+        outs.append(tmp_path_factory.mktemp("ddp"))
+        return free_port(), str(outs[-1])
+
+    spawn_ranks(_worker, attempt, SPAWN_TIMEOUT_S, what="DDP ranks")
+    return outs[-1]
 
 
 def test_rank_blocks_split_every_global_batch_exactly():
