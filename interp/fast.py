@@ -45,6 +45,7 @@ from torch import fx, nn
 
 from .data import IndexedImages
 from .layout import as_channels_last
+from .topk import default_channels
 
 __all__ = ["Replay", "applies", "Screen", "build_screen", "screened_scan", "SCREEN_DTYPE", "SCREEN_KEEP", "SCREEN_MARGIN",
            "SCREEN_MIN_IMAGES"]
@@ -56,7 +57,6 @@ SCREEN_KEEP = 16
 SCREEN_MARGIN = 0.03
 #: The checked margin is this many times the largest screening error seen on the layer.
 ERROR_SAFETY = 2.0
-DEFAULT_CHANNELS = 6
 #: Fewer images than this: the plain pass. Building the screen (trace, fold, freeze) and the exact
 #: pass on the candidates (the union of the channels' top images, often most of a small set) cost
 #: more than they save there: measured with ResNet-18, 512 images took 1.30x the plain forward,
@@ -183,7 +183,7 @@ def _finish(gm: fx.GraphModule, names: list[str], channels: dict, affine: dict, 
             mod = modules[n]
             if not isinstance(mod, nn.Conv2d):
                 return None  # channel count unknown before a forward: the plain pass decides it
-            chs = list(range(min(DEFAULT_CHANNELS, mod.out_channels)))
+            chs = default_channels(mod.out_channels)
         chans[n] = list(chs)
         lo, hi = min(chs), max(chs) + 1
         spans[n] = (lo, hi)

@@ -32,14 +32,12 @@ from .fast import Replay, applies, screened_scan
 from .layers import block_layers, children_layers, conv_layers, layer_kind, resolve_layer
 from .layer_fields import collected_notes, layer_fields
 from .layout import as_channels_last, channels_last as channels_last_layout
-from .topk import Entry, LayerInfo, TopK
+from .topk import Entry, LayerInfo, TopK, default_channels
 
 __all__ = ["mine_local", "plan", "scan", "check_sizes", "MinePlan", "Scan", "Running", "resolve_layers", "iter_batches",
            "first_image", "eval_mode", "on_device", "collected_notes", "layer_fields"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-DEFAULT_CHANNELS = 6
 
 
 def resolve_layers(model: nn.Module, layers: str | Sequence[str],
@@ -155,7 +153,7 @@ class Running:
         b, c, h, w = out.shape
         if self.vals is None:
             if self.channels is None:
-                self.channels = list(range(min(DEFAULT_CHANNELS, c)))
+                self.channels = default_channels(c)
             bad = [ch for ch in self.channels if not 0 <= ch < c]
             if bad:
                 raise ValueError(

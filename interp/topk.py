@@ -16,9 +16,17 @@ from typing import Iterator
 
 from ._utils import write_atomic
 
-__all__ = ["Entry", "LayerInfo", "TopK"]
+__all__ = ["Entry", "LayerInfo", "TopK", "DEFAULT_CHANNELS", "default_channels"]
 
 FORMAT = "cnn-internals.topk/1"
+
+#: Channels mined per layer when none are named: the first six, as the seed's panels show.
+DEFAULT_CHANNELS = 6
+
+
+def default_channels(count: int) -> list[int]:
+    """The channels mined of a layer with ``count`` channels when none are named."""
+    return list(range(min(DEFAULT_CHANNELS, count)))
 
 
 @dataclass
