@@ -1,6 +1,6 @@
 """The whole ResNet-18 report vs one plain forward over the same images, in one run (issue #19).
 
-``python -m benchmarks.report [--images N] [--data ROOT] [--no-fast]`` times, on
+``python -m benchmarks.report [--images N] [--data ROOT] [--no-fast] [--rounds R]`` times, on
 the Imagenette val images (all 3,925 by default; ``--images N``: N of them,
 spread over the classes):
 
@@ -14,11 +14,16 @@ plain forward
     batch 64, under ``torch.no_grad()``, JPEG decoding and preprocessing
     included (the same dataset object, read in this process as mining does).
 
-It prints both, and their ratio (target: report <= plain forward).
+It prints both, and their ratio (target: report <= plain forward). With
+``--rounds R`` the two alternate R times (forward, report, forward, ...) and
+the median of the R ratios is printed too: the host is shared, and one
+timing may vary by 20% between runs, so each ratio pairs two neighbouring
+timings.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -64,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--images", type=int, default=None, help="images to use (default: all 3,925 val images)")
     p.add_argument("--data", default=None, help="folder holding imagenette2-160 (default: ../shared/data)")
     p.add_argument("--no-fast", action="store_true", help="mine with the plain pass (interp.mine fast=False)")
+    p.add_argument("--rounds", type=int, default=1, help="alternate forward and report this many times (default 1)")
     args = p.parse_args(argv)
     _, preprocess = adapters.load("resnet18")
     root = Path(args.data or DEFAULT_DATA) / "imagenette2-160"
@@ -71,12 +77,21 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     print(f"report vs plain forward: resnet18, 20 convs x 6 ch x top-9, {len(data)} images, "
           f"{torch.get_num_threads()} threads, fast={not args.no_fast}", flush=True)
-    fwd = plain_forward(data)
-    print(f"plain forward (eager fp32, channels_last, batch 64, decoding included): {fwd:.1f} s", flush=True)
-    t = report(data, fast=not args.no_fast)
-    print(f"report: {t['wall']:.1f} s = mining {t['mining']:.1f} + loading {t['loading']:.1f} + projection "
-          f"{t['projection']:.1f} + drawing {t['drawing']:.1f} (+ {t['wall'] - t['mining'] - t['loading'] - t['projection'] - t['drawing']:.1f} other)")
-    print(f"mining / plain forward: {t['mining'] / fwd:.2f}x; report / plain forward: {t['wall'] / fwd:.2f}x")
+    ratios = []
+    for r in range(args.rounds):
+        fwd = plain_forward(data)
+        print(f"[{r + 1}] plain forward (eager fp32, channels_last, batch 64, decoding included): {fwd:.1f} s",
+              flush=True)
+        t = report(data, fast=not args.no_fast)
+        rest = t["wall"] - t["mining"] - t["loading"] - t["projection"] - t["drawing"]
+        print(f"[{r + 1}] report: {t['wall']:.1f} s = mining {t['mining']:.1f} + loading {t['loading']:.1f} + "
+              f"projection {t['projection']:.1f} + drawing {t['drawing']:.1f} (+ {rest:.1f} other)")
+        ratios.append(t["wall"] / fwd)
+        print(f"[{r + 1}] mining / plain forward: {t['mining'] / fwd:.2f}x; report / plain forward: "
+              f"{ratios[-1]:.2f}x", flush=True)
+    if len(ratios) > 1:
+        print(f"report / plain forward over {len(ratios)} rounds: median {statistics.median(ratios):.2f}x "
+              f"(min {min(ratios):.2f}x, max {max(ratios):.2f}x)")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ._utils import counted, progress_bar, progress_reporter
-from .data import IndexedImages
+from .data import IndexedImages, auto_workers
 from .draw.visualize import VisualizeResult, visualize_local
 from .mine import check_sizes, first_image, iter_batches, mine_local, resolve_layers
 from .sharded import mine_sharded, share_work, visualize_sharded
@@ -48,7 +48,7 @@ def mine(
     device: str | torch.device | None = None,
     *,
     model_id: str | None = None,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     progress: bool = True,
     receptive_fields: bool = True,
     distributed: bool | None = None,
@@ -86,7 +86,10 @@ def mine(
     model_id:
         Stored in the result (and its JSON).
     num_workers:
-        ``DataLoader`` workers for decoding images.
+        ``DataLoader`` worker processes that decode images; ``None``: one
+        for an image folder of 512 images or more on a machine with two
+        cores or more, none otherwise (:func:`interp.data.auto_workers`);
+        none under torchrun unless given.
     progress:
         Show a tqdm bar (images/s) on stderr.
     receptive_fields:
@@ -134,14 +137,16 @@ def mine(
     """
     if share_work(distributed):
         return mine_sharded(model, data, layers, channels, k, batch_size, device, model_id=model_id,
-                            num_workers=num_workers, progress=progress, receptive_fields=receptive_fields,
+                            num_workers=num_workers or 0, progress=progress, receptive_fields=receptive_fields,
                             channels_last=channels_last)
     check_sizes(k, batch_size)  # before any layer is resolved, as the core does
     names = resolve_layers(model, layers, example=lambda: first_image(data))  # for the bar's title
+    workers = auto_workers(data, num_workers)
     with progress_bar(_length(data), f"mining {len(names)} layer(s)", "img", progress) as bar:
         return mine_local(model, data, names, channels, k, batch_size, device, model_id=model_id,
                           receptive_fields=receptive_fields, channels_last=channels_last,
-                          batches=counted(iter_batches(data, batch_size, num_workers), bar), fast=fast)
+                          batches=counted(iter_batches(data, batch_size, workers), bar), fast=fast,
+                          num_workers=workers)
 
 
 def visualize(
@@ -160,7 +165,7 @@ def visualize(
     topk: TopK | None = None,
     progress: bool = True,
     web: str | None = None,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     distributed: bool | None = None,
     weights_info: dict | None = None,
     fast: bool = True,
@@ -237,8 +242,9 @@ def visualize(
     if share_work(distributed):
         return visualize_sharded(model, data, out_dir, layers, channels=channels, k=k, methods=methods,
                                  model_id=model_id, batch_size=batch_size, project_batch_size=project_batch_size,
-                                 device=device, topk=topk, progress=progress, web=web, num_workers=num_workers,
+                                 device=device, topk=topk, progress=progress, web=web, num_workers=num_workers or 0,
                                  weights_info=weights_info)
+    num_workers = auto_workers(data, num_workers)
     with progress_reporter("projecting + drawing", "panel", progress) as report:
         return visualize_local(model, data, out_dir, layers, channels=channels, k=k, methods=methods,
                                model_id=model_id, batch_size=batch_size, project_batch_size=project_batch_size,

@@ -44,6 +44,10 @@ __all__ = [
     "limited",
     "collate_skipping",
     "display_transform",
+    "SubsetImages",
+    "decodes_files",
+    "auto_workers",
+    "AUTO_WORKERS_MIN_IMAGES",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -356,6 +360,36 @@ class TensorImages(IndexedImages):
 
     def describe(self, index: int) -> str:
         return f"{self.name}[{index}]"
+
+
+#: Fewer images than this: no worker process by default (starting one costs more than it hides).
+AUTO_WORKERS_MIN_IMAGES = 512
+
+
+def decodes_files(data: object) -> bool:
+    """Whether reading ``data`` decodes image files (a :class:`FileImages`, or a subset of one)."""
+    while isinstance(data, SubsetImages):
+        data = data.parent
+    return isinstance(data, FileImages)
+
+
+def auto_workers(data: object, num_workers: int | None) -> int:
+    """``num_workers``, or where it is ``None`` the default: one decoding process for a large image folder.
+
+    One ``DataLoader`` worker decodes and preprocesses the JPEGs while this
+    process runs the model: with two cores that hid the 7 s of decoding in
+    the ResNet-18 report over 3,925 Imagenette images
+    (``python -m benchmarks.report``). In-memory data and small sets
+    (fewer than :data:`AUTO_WORKERS_MIN_IMAGES`) get none, and so does a
+    one-core machine.
+    """
+    if num_workers is not None:
+        return int(num_workers)
+    try:
+        large = len(data) >= AUTO_WORKERS_MIN_IMAGES  # type: ignore[arg-type]
+    except TypeError:
+        return 0
+    return 1 if large and decodes_files(data) and (os.cpu_count() or 1) >= 2 else 0
 
 
 def collate_skipping(batch: list) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -17,12 +17,14 @@ exact arithmetic. So :func:`screened_scan` runs two stages:
 2. **Exact** (candidates only): the images within a margin of each channel's
    ``k``-th screened value are run through the *user's model* by the plain
    path (:func:`interp.mine.scan`: fp32, hooks, the values and positions
-   the plain pass records). Then, per channel, the result is *checked*: the
-   ``k``-th exact value must beat every image left out (its screened value,
-   or the last kept one's) by more than twice the largest screening error
-   seen on that layer's candidates; a channel that fails gets the images
-   that could still beat it, and a third failure (or one needing images the
-   screen did not keep) falls back to the plain pass over everything.
+   the plain pass records), each only as far as the deepest layer it is a
+   candidate of. Then, per channel, the result is *checked*: the ``k``-th
+   exact value must beat every image left out (its screened value, or the
+   last kept one's) by more than three times the largest screening error
+   seen on that channel's candidates (at least a quarter of the layer's
+   largest); a channel that fails gets the images that could still beat
+   it, and a sixth failure (or one needing images the screen did not keep)
+   falls back to the plain pass over everything.
 
 So the top-k is the plain pass's, computed on the candidates' batches
 (values agree to fp32 rounding: two entries within ~1e-6 relative may swap).
@@ -36,6 +38,7 @@ plain pass.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import warnings
 from typing import Iterable
@@ -43,20 +46,28 @@ from typing import Iterable
 import torch
 from torch import fx, nn
 
+from .capture import LayerTaps
 from .data import IndexedImages
 from .layout import as_channels_last
 from .topk import default_channels
 
 __all__ = ["Replay", "applies", "Screen", "build_screen", "screened_scan", "SCREEN_DTYPE", "SCREEN_KEEP", "SCREEN_MARGIN",
+           "ERROR_SAFETY", "ERROR_FLOOR", "EXACT_ROUNDS",
            "SCREEN_MIN_IMAGES"]
 
 SCREEN_DTYPE = torch.bfloat16
 #: Screened images kept per channel, as a multiple of ``k``.
 SCREEN_KEEP = 16
-#: Candidates: screened value within this fraction of the channel's largest |value| from the k-th.
-SCREEN_MARGIN = 0.03
-#: The checked margin is this many times the largest screening error seen on the layer.
-ERROR_SAFETY = 2.0
+#: First candidates: screened value within this fraction of the channel's largest |value| from the
+#: k-th. Small: the check adds what the measured screening error says may still win, so a wide first
+#: margin only sends clear losers to the exact pass.
+SCREEN_MARGIN = 0.01
+#: Check rounds before the plain pass takes over.
+EXACT_ROUNDS = 6
+#: The checked margin is this many times the largest screening error seen on the channel's candidates...
+ERROR_SAFETY = 3.0
+#: ...and at least this fraction of the largest seen on the layer's (see :func:`_unchecked`).
+ERROR_FLOOR = 0.25
 #: Fewer images than this: the plain pass. Building the screen (trace, fold, freeze) and the exact
 #: pass on the candidates (the union of the channels' top images, often most of a small set) cost
 #: more than they save there: measured with ResNet-18, 512 images took 1.30x the plain forward,
@@ -79,9 +90,12 @@ class Screen:
 
     def __init__(self, module, names: list[str], channels: dict[str, list[int]],
                  spans: dict[str, tuple[int, int]], affine: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                 signed: dict[str, bool]):
+                 signed: dict[str, bool], order: list[str] | None = None) -> None:
         self.module, self.names, self.channels = module, names, channels
         self.spans, self.affine, self.signed = spans, affine, signed
+        # The layers in the order the forward computes them (the traced graph's).
+        self.order = list(order) if order is not None else list(names)
+        self.narrowed: list[str] = []  # layers that compute only the channels mined (see _narrow)
 
     def run(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Approximate per-image maxima of the (pre-fold) layer outputs: ``{name: (B, nc) float32}``."""
@@ -145,8 +159,13 @@ def build_screen(model: nn.Module, names: list[str], channels: dict[str, list[in
             calls.setdefault(node.target, []).append(node)
     if any(n not in calls for n in names):
         return None  # a traced functional node, or a layer this graph does not call
+    at = {node: i for i, node in enumerate(graph.nodes)}
+    order = sorted(names, key=lambda n: at[calls[n][0]])
     affine = _fold_all(graph, modules, calls, names)
-    return _finish(gm, names, channels, affine, modules, calls, example)
+    screen = _finish(gm, names, channels, affine, modules, calls, example)
+    if screen is not None:
+        screen.order = order
+    return screen
 
 
 def _fold_all(graph: fx.Graph, modules: dict, calls: dict, names: list[str]) -> dict:
@@ -198,6 +217,7 @@ def _finish(gm: fx.GraphModule, names: list[str], channels: dict, affine: dict, 
     output = next(nd for nd in graph.nodes if nd.op == "output")
     output.args = (tuple(outs),)
     graph.eliminate_dead_code()
+    narrowed = [n for n in names if _narrow(gm, calls[n], spans[n])]
     gm.recompile()
     gm = gm.to(memory_format=torch.channels_last).to(SCREEN_DTYPE)
     probe = as_channels_last(example[:2].to(SCREEN_DTYPE))
@@ -211,18 +231,69 @@ def _finish(gm: fx.GraphModule, names: list[str], channels: dict, affine: dict, 
     widths = [hi - lo for n in names for lo, hi in [spans[n]] * (2 if signed[n] else 1)]
     if [int(t.shape[1]) for t in got] != widths or any(t.ndim != 2 for t in got):
         return None  # a channel past the layer's last, or not a feature map: the plain pass says so
-    return Screen(frozen, names, chans, spans, affine, signed)
+    screen = Screen(frozen, names, chans, spans, affine, signed)
+    screen.narrowed = narrowed
+    return screen
 
 
-def _images_of(data, indices: list[int], batch_size: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-    """``(images, indices)`` batches of the given dataset indices."""
-    for s in range(0, len(indices), batch_size):
-        chunk = indices[s : s + batch_size]
-        if isinstance(data, torch.Tensor):
-            xs = data[torch.tensor(chunk)]
-        else:
-            xs = torch.stack([data.item(i) for i in chunk])
-        yield xs, torch.tensor(chunk)
+def _narrow(gm: fx.GraphModule, calls: list[fx.Node], span: tuple[int, int]) -> bool:
+    """Compute only channels ``span`` of a conv whose output only feeds its maxima (the graph's last convs).
+
+    The deepest requested conv of a ResNet-18 computes 6 of its 512 channels
+    then: a sixteenth of the screen's work saved.
+    """
+    node, (lo, hi) = calls[0], span
+    conv = gm.get_submodule(str(node.target))
+    if (len(calls) != 1 or not isinstance(conv, nn.Conv2d) or conv.groups != 1 or hi - lo >= conv.out_channels
+            or hi > conv.out_channels
+            or any(u.op != "call_function" or u.target not in (_maxima, _minima) for u in node.users)):
+        return False
+    with torch.no_grad():
+        conv.weight = nn.Parameter(conv.weight[lo:hi].clone(), requires_grad=False)
+        if conv.bias is not None:
+            conv.bias = nn.Parameter(conv.bias[lo:hi].clone(), requires_grad=False)
+    conv.out_channels = hi - lo
+    for u in list(node.users):
+        u.args = (node, 0, hi - lo)
+    return True
+
+
+class _Items(torch.utils.data.Dataset):
+    """``(model input, dataset index)`` by dataset index (a subset's own positions are not its indices)."""
+
+    def __init__(self, data: IndexedImages) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.data.item(index), index
+
+
+def _images_of(data, chunks: list[list[int]], num_workers: int = 0) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """One ``(images, indices)`` batch per chunk of dataset indices, in order.
+
+    ``num_workers`` processes decode them ahead (one loader for all the
+    chunks: a worker starts once).
+    """
+    if isinstance(data, torch.Tensor):
+        for chunk in chunks:
+            yield data[torch.tensor(chunk)], torch.tensor(chunk)
+    elif num_workers > 0 and len(chunks) > 1:
+        yield from torch.utils.data.DataLoader(_Items(data), batch_sampler=chunks, num_workers=num_workers,
+                                               collate_fn=_stack)
+    else:
+        for chunk in chunks:
+            yield _stack([(data.item(i), i) for i in chunk])
+
+
+def _stack(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.stack([x for x, _ in items]), torch.tensor([i for _, i in items])
+
+
+def _chunked(indices: list[int], batch_size: int) -> list[list[int]]:
+    return [indices[s : s + batch_size] for s in range(0, len(indices), batch_size)]
 
 
 def applies(data, device: torch.device) -> bool:
@@ -236,7 +307,7 @@ def applies(data, device: torch.device) -> bool:
 
 
 def screened_scan(model: nn.Module, todo, data, batches, device: torch.device, channels_last: bool,
-                  batch_size: int, scan, scan_type, running_type):
+                  batch_size: int, scan, scan_type, running_type, num_workers: int = 0):
     """:func:`interp.mine.scan` via a screen and an exact pass on candidates.
 
     Returns the :class:`interp.mine.Scan`, or, where the screen does not
@@ -246,6 +317,7 @@ def screened_scan(model: nn.Module, todo, data, batches, device: torch.device, c
     ``scan``, ``scan_type`` and ``running_type`` are :func:`interp.mine.scan`,
     :class:`interp.mine.Scan` and :class:`interp.mine.Running` (passed in, so
     that this module and :mod:`interp.mine` do not import each other).
+    ``num_workers`` processes decode the images read again (the candidates).
     """
     it = iter(batches)
     first = None
@@ -279,9 +351,9 @@ def screened_scan(model: nn.Module, todo, data, batches, device: torch.device, c
                 approx[n].push(v.t(), idx.unsqueeze(0).expand(nc, len(idx)), torch.zeros(nc, len(idx), dtype=torch.long))
             seen.n_images += len(idx)
     exact = _exact_rounds(model, todo, data, approx, seen.n_images, screen, device, channels_last, batch_size,
-                          scan)
+                          scan, num_workers)
     if exact is None:  # out of the screen's reach: the plain pass over the same images
-        return Replay(None, _images_of(data, ids, batch_size))
+        return Replay(None, _images_of(data, _chunked(ids, batch_size), num_workers))
     for n in todo.names:
         r = running_type(n, screen.channels[n], todo.k)
         e = exact[n]
@@ -308,77 +380,110 @@ def _chain(first, rest):
 
 
 def _exact_rounds(model, todo, data, approx: dict, n_images: int, screen: Screen, device, channels_last: bool,
-                  batch_size: int, scan) -> dict | None:
-    """Exact values of the candidates, widened until every channel's top-k is checked; ``None``: give up."""
+                  batch_size: int, scan, num_workers: int = 0) -> dict | None:
+    """Exact values of the candidates, widened until every channel's top-k is checked; ``None``: give up.
+
+    Candidates are kept per layer: an image that can only make the top-k of
+    early layers runs only that far (:func:`_exact_pass`).
+    """
     k = todo.k
-    wanted: set[int] = set()
-    for r in approx.values():
+    wanted: dict[str, set[int]] = {n: set() for n in approx}
+    for n, r in approx.items():
         for ci in range(len(r.channels)):
             v, i = r.vals[ci], r.idx[ci]
             kth = float(v[min(k, len(v)) - 1])
             scale = max(abs(float(v[0])), abs(kth), 1e-12)
-            wanted.update(int(j) for j in i[v >= kth - SCREEN_MARGIN * scale].tolist())
-    done: set[int] = set()
+            wanted[n].update(int(j) for j in i[v >= kth - SCREEN_MARGIN * scale].tolist())
+    done: dict[str, set[int]] = {n: set() for n in approx}
     exact: dict = {}
-    for _round in range(4):
-        todo_ids = sorted(wanted - done)
-        if todo_ids:
-            exact = _merge(exact, _exact_pass(model, todo, data, todo_ids, screen, device, channels_last,
-                                              batch_size, scan))
-            done.update(todo_ids)
+    for _round in range(EXACT_ROUNDS):
+        need = {n: wanted[n] - done[n] for n in approx}
+        if any(need.values()):
+            _exact_pass(model, todo, data, need, screen, device, channels_last, batch_size, scan, exact, done,
+                        num_workers)
         more = _unchecked(approx, exact, done, n_images, k)
         if more is None:
             return None
-        if not more:
+        if not any(more.values()):
             return exact
-        wanted |= more
+        for n, ids in more.items():
+            wanted[n] |= ids
     return None
 
 
-def _exact_pass(model, todo, data, ids: list[int], screen: Screen, device, channels_last, batch_size, scan):
-    """The plain pass (:func:`interp.mine.scan`) over ``ids``, keeping every one of them per channel."""
-    sub = type(todo)(todo.names, dict(screen.channels), len(ids), todo.taps)
-    return scan(model, sub, _images_of(data, ids, batch_size), device, channels_last).running
+def _exact_pass(model, todo, data, need: dict[str, set[int]], screen: Screen, device, channels_last: bool,
+                batch_size: int, scan, exact: dict, done: dict[str, set[int]], num_workers: int = 0) -> None:
+    """The plain pass (:func:`interp.mine.scan`) over the images ``need`` names, into ``exact`` and ``done``.
+
+    Each image runs as far as the deepest layer it is needed for (in the
+    order the forward computes the layers), in batches of images sorted by
+    that depth: the layers of a batch are those up to its deepest image's,
+    and every layer reached records every image of the batch (each layer
+    keeps all of them, once), so ``done`` grows by what was really computed.
+    """
+    order = screen.order
+    depth: dict[int, int] = {}
+    for n, ids in need.items():
+        d = order.index(n)
+        for j in ids:
+            depth[j] = max(depth.get(j, -1), d)
+    ids = sorted(depth, key=lambda j: (depth[j], j))
+    groups: dict[int, list[list[int]]] = {}  # batch depth -> its batches
+    for chunk in _chunked(ids, batch_size):
+        groups.setdefault(depth[chunk[-1]], []).append(chunk)
+    images = iter(_images_of(data, [c for chunks in groups.values() for c in chunks], num_workers))
+    for d, chunks in groups.items():
+        names = order[: d + 1]
+        chunk_ids = [j for c in chunks for j in c]
+        sub = type(todo)(names, {n: list(screen.channels[n]) for n in names}, len(chunk_ids), LayerTaps(model, names))
+        got = scan(model, sub, itertools.islice(images, len(chunks)), device, channels_last).running
+        for n, r in got.items():
+            if done[n].intersection(chunk_ids):  # run again to reach a deeper layer: keep the first values here
+                keep = ~torch.isin(r.idx, torch.tensor(sorted(done[n]), dtype=r.idx.dtype))
+                r.vals, r.idx, r.pos = (t[keep].view(len(r.channels), -1) for t in (r.vals, r.idx, r.pos))
+            old = exact.get(n)
+            if old is None:
+                exact[n] = r
+            else:
+                old.k = old.vals.shape[1] + r.vals.shape[1]
+                old.push(r.vals, r.idx, r.pos)
+            done[n].update(chunk_ids)
 
 
-def _merge(old: dict, new: dict) -> dict:
-    """Two exact passes over disjoint images, as one (each layer keeps all its images)."""
-    if not old:
-        return new
-    for n, r in new.items():
-        o = old[n]
-        o.k = o.vals.shape[1] + r.vals.shape[1]
-        o.push(r.vals, r.idx, r.pos)
-    return old
+def _unchecked(approx: dict, exact: dict, done: dict[str, set[int]], n_images: int,
+               k: int) -> dict[str, set[int]] | None:
+    """Per layer, images that could still beat a channel's exact k-th (all empty: checked); ``None``: out of reach.
 
-
-def _unchecked(approx: dict, exact: dict, done: set[int], n_images: int, k: int) -> set[int] | None:
-    """Images that could still beat a channel's exact k-th; empty when all are checked, ``None``: out of reach."""
-    more: set[int] = set()
+    A channel's margin is :data:`ERROR_SAFETY` times the largest screening
+    error seen on its own candidates, but at least :data:`ERROR_FLOOR` of
+    the layer's largest: channels differ in scale (a BatchNorm with a small
+    scale, folded and undone, magnifies the screen's rounding), so one
+    layer-wide error would send the small channels' near-misses to the
+    exact pass for nothing.
+    """
+    more: dict[str, set[int]] = {n: set() for n in approx}
     for n, ra in approx.items():
         re_ = exact[n]
-        err = 0.0
-        ex_of = []
+        errs = []
         for ci in range(len(ra.channels)):
             ex = dict(zip(re_.idx[ci].tolist(), re_.vals[ci].tolist()))
-            ex_of.append(ex)
-            for j, v in zip(ra.idx[ci].tolist(), ra.vals[ci].tolist()):
-                if j in ex and math.isfinite(ex[j]) and math.isfinite(v):
-                    err = max(err, abs(ex[j] - v))
+            seen = [abs(ex[j] - v) for j, v in zip(ra.idx[ci].tolist(), ra.vals[ci].tolist())
+                    if j in ex and math.isfinite(ex[j]) and math.isfinite(v)]
+            errs.append(max(seen, default=0.0))
+        layer_err = max(errs, default=0.0)
         for ci in range(len(ra.channels)):
             ev = re_.vals[ci]
             kth = float(ev[min(k, len(ev)) - 1])
             scale = max(abs(float(ev[0])), abs(kth), 1e-12)
-            margin = ERROR_SAFETY * err + 1e-4 * scale
-            out_ids = [(j, v) for j, v in zip(ra.idx[ci].tolist(), ra.vals[ci].tolist()) if j not in done]
+            margin = ERROR_SAFETY * max(errs[ci], ERROR_FLOOR * layer_err) + 1e-4 * scale
+            out_ids = [(j, v) for j, v in zip(ra.idx[ci].tolist(), ra.vals[ci].tolist()) if j not in done[n]]
             kept_all = n_images <= ra.vals.shape[1]
             bound = max([v for _, v in out_ids], default=-math.inf)
             if not kept_all:
                 bound = max(bound, float(ra.vals[ci, -1]))
             if bound + margin < kth or (bound == -math.inf):
                 continue
-            reach = [j for j, v in out_ids if v + margin >= kth]
             if not kept_all and float(ra.vals[ci, -1]) + margin >= kth:
                 return None  # an image the screen did not keep might beat it
-            more.update(reach)
+            more[n].update(j for j, v in out_ids if v + margin >= kth)
     return more

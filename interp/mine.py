@@ -416,6 +416,7 @@ def mine_local(
     channels_last: bool = True,
     batches: Iterable[Batch | None] | None = None,
     fast: bool = True,
+    num_workers: int = 0,
 ) -> TopK:
     """:func:`interp.mine` in this process alone, without a progress bar: the core every caller shares.
 
@@ -432,6 +433,10 @@ def mine_local(
         Screen every image with a fast copy of the model, then run the plain
         pass on the candidates only (:mod:`interp.fast`); ``False``: the
         plain pass over every image.
+    num_workers:
+        ``DataLoader`` processes that decode the images: all of them when
+        ``batches`` is not given, and the candidates the fast path reads
+        again.
 
     Returns
     -------
@@ -439,11 +444,12 @@ def mine_local(
         As :func:`interp.mine`; it never looks for a process group.
     """
     todo = plan(model, data, layers, channels, k, batch_size)
-    batches = iter_batches(data, batch_size) if batches is None else batches
+    batches = iter_batches(data, batch_size, num_workers) if batches is None else batches
     seen = None
     target = torch.device(device) if device is not None else _model_device(model)
     if fast and applies(data, target):
-        got = screened_scan(model, todo, data, batches, target, channels_last, batch_size, scan, Scan, Running)
+        got = screened_scan(model, todo, data, batches, target, channels_last, batch_size, scan, Scan, Running,
+                            num_workers)
         if isinstance(got, Replay):
             batches = got
         else:

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ..data import IndexedImages, TensorImages
+from ..layout import as_channels_last, channels_last as channels_last_layout
 from ..mine import collected_notes, eval_mode, first_image, mine_local, on_device, resolve_layers
 from ..project import project
 from .gallery import encode_tile, write_gallery
@@ -286,7 +287,10 @@ class Jobs:
         workers = _draw_threads()
         t_loop = time.perf_counter()
         order = list(dict.fromkeys(name for name, _ in self.jobs)) if in_order else None
-        with eval_mode(run.model), on_device(run.model, self.device) as dev, \
+        # channels_last as in mining: the projections run 10-15% faster (ResNet-18 on a CPU); their
+        # values move by rounding, and a guided/deconvnet ReLU whose input is within rounding of 0 may
+        # pass or block the other way (seen: 3e-3 of a tile's largest value, deepest ResNet-18 conv).
+        with eval_mode(run.model), on_device(run.model, self.device) as dev, channels_last_layout(run.model), \
                 ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cnn-internals-draw") as pool, \
                 _LayerFeed(run.data, run.topk, order, dev, self.num_workers) as feed:
             for j in indices:
@@ -298,7 +302,7 @@ class Jobs:
                 xs, units, raws = loaded[1]
                 t0 = time.perf_counter()
                 with collected_notes() as notes:
-                    proj = project(run.model, xs, name, units, method=method,
+                    proj = project(run.model, as_channels_last(xs), name, units, method=method,
                                    batch_size=self.project_batch_size).cpu()
                 spent["projection"] += time.perf_counter() - t0
                 pending.append(pool.submit(_render_job, run.data, run.topk, name, method, proj, raws,
@@ -313,12 +317,6 @@ class Jobs:
                 done(pending.pop(0).result())
         spent["drawing"] = time.perf_counter() - t_loop - spent["loading"] - spent["projection"]
         return spent
-
-
-def _load_layer(data: IndexedImages, topk: TopK, name: str, dev: torch.device) -> tuple:
-    """Model inputs (on ``dev``), units and display images of the top-k images of ``name``."""
-    xs, raws = _collate_layer([data.item_and_raw(idx) for idx in topk.image_indices(name)])
-    return _layer_inputs(topk, name, xs, raws, dev)
 
 
 def _layer_inputs(topk: TopK, name: str, xs: torch.Tensor, raws: list, dev: torch.device) -> tuple:
@@ -349,13 +347,16 @@ def _collate_layer(items):
 
 
 class _LayerFeed:
-    """Each layer's top images, for the projection that needs them.
+    """Each layer's top images, for the projection that needs them, each image decoded once.
 
     With ``order`` (the layers in job order, known when one process does
-    every job) and ``num_workers`` > 0, DataLoader worker processes decode
-    whole layers ahead (one batch per layer, in order), so the decoding
-    overlaps the projection without competing with the interpreter that
-    launches its kernels. Otherwise each layer is decoded here when it comes.
+    every job), an image that several layers share is decoded for the first
+    and kept until the last of them (a ResNet-18 report: 1,006 layer images,
+    549 different ones). With ``order`` and ``num_workers`` > 0, DataLoader
+    worker processes decode the layers' new images ahead (one batch per
+    layer, in order), so the decoding overlaps the projection without
+    competing with the interpreter that launches its kernels. Otherwise each
+    layer is decoded here when it comes.
 
     Never in threads of this process: a preprocess is often an ``nn.Module``
     (torchvision's v2 transforms), and while torch.fx traces a model (the
@@ -369,27 +370,46 @@ class _LayerFeed:
         self.data, self.topk, self.order, self.dev = data, topk, order, dev
         self.position = 0
         self.batches = None
+        self.kept: dict[int, tuple] = {}  # dataset index -> (input, display image), while a later layer needs it
+        self.last: dict[int, int] = {}  # dataset index -> position of the last layer that needs it
+        self.new: list[list[int]] = []  # per layer in order: its images no earlier layer had
+        if order:
+            for p, n in enumerate(order):
+                self.new.append([i for i in topk.image_indices(n) if i not in self.last])
+                self.last.update((i, p) for i in topk.image_indices(n))
         if order and num_workers > 0:
             batches = torch.utils.data.DataLoader(
-                _Decoded(data), batch_sampler=[topk.image_indices(n) for n in order],
+                _Decoded(data), batch_sampler=[b for b in self.new if b],
                 num_workers=min(num_workers, len(order)), collate_fn=_collate_layer)
             self.batches = iter(batches)
 
     def get(self, name: str) -> tuple:
         """``(inputs on the device, units, display images)`` of layer ``name``."""
-        if self.batches is None:
-            return _load_layer(self.data, self.topk, name, self.dev)
+        indices = self.topk.image_indices(name)
+        if not self.order:
+            xs, raws = _collate_layer([self.data.item_and_raw(idx) for idx in indices])
+            return _layer_inputs(self.topk, name, xs, raws, self.dev)
         if self.order[self.position] != name:  # pragma: no cover - the loop asks in order
             raise RuntimeError(f"internal error: layer {name!r} asked for out of order")
+        new = self.new[self.position]
+        if self.batches is not None and new:
+            xs, raws = next(self.batches)
+            self.kept.update(zip(new, zip(xs, [r.numpy() for r in raws])))
+        else:
+            self.kept.update((idx, self.data.item_and_raw(idx)) for idx in new)
+        xs, raws = _collate_layer([self.kept[idx] for idx in indices])
+        for idx in indices:
+            if self.last[idx] == self.position:
+                del self.kept[idx]
         self.position += 1
-        xs, raws = next(self.batches)
-        return _layer_inputs(self.topk, name, xs, [r.numpy() for r in raws], self.dev)
+        return _layer_inputs(self.topk, name, xs, raws, self.dev)
 
     def __enter__(self) -> "_LayerFeed":
         return self
 
     def __exit__(self, *exc) -> None:
         self.batches = None  # the DataLoader's workers stop with its iterator
+        self.kept.clear()
 
 
 def _draw_threads() -> int:

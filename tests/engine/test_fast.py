@@ -178,3 +178,45 @@ def test_dataset_images_and_checked_rounds(monkeypatch):
     a = mine_local(model, data, ["conv2", "conv4"], k=4, batch_size=16, receptive_fields=False, fast=True)
     b = mine_local(model, data, ["conv2", "conv4"], k=4, batch_size=16, receptive_fields=False, fast=False)
     assert compare(a, b) == 0
+
+
+def test_candidates_run_only_as_deep_as_they_are_needed():
+    # Exact-stage images that are candidates of conv1 alone stop after conv1: conv4 sees fewer fp32 rows
+    # (the screen runs in bfloat16 on a copy, so fp32 rows at the user's modules are the exact stage's).
+    model, x = bn_net(), images(300)
+    rows = {"conv1": 0, "conv4": 0}
+    hooks = [getattr(model, n).register_forward_hook(
+        lambda m, i, o, n=n: rows.__setitem__(n, rows[n] + (len(o) if o.dtype == torch.float32 else 0)))
+        for n in rows]
+    try:
+        a = mine_local(model, x, ["conv1", "conv4"], k=5, batch_size=8, receptive_fields=False, fast=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    b = mine_local(model, x, ["conv1", "conv4"], k=5, batch_size=8, receptive_fields=False, fast=False)
+    assert compare(a, b) == 0
+    assert 0 < rows["conv4"] < rows["conv1"] < len(x)
+
+
+def test_the_last_conv_computes_only_the_channels_mined():
+    model, x = bn_net(), images(8)
+    screen = fast.build_screen(model, ["conv2", "conv4"], {"conv2": [1, 2], "conv4": [2, 3]}, x)
+    # conv2 also feeds conv3: all its channels stay; conv4 feeds only its maxima: channels 2..3 alone.
+    assert screen.narrowed == ["conv4"]
+    got = screen.run(x)
+    with torch.no_grad():
+        ref = model.conv4(model.relu(model.conv3(model.relu(model.bn2(model.conv2(
+            model.relu(model.bn1(model.conv1(x))))) + model.relu(model.bn1(model.conv1(x)))))))
+    torch.testing.assert_close(got["conv4"], ref[:, 2:4].amax(dim=(2, 3)), rtol=0.05, atol=0.05)
+    assert model.conv4.out_channels == 6 and model.conv4.weight.shape[0] == 6  # the user's model is untouched
+
+
+def test_candidates_decoded_by_a_worker_process_keep_their_dataset_indices():
+    # A subset's positions are not its dataset indices: the worker must read candidates by index.
+    model, x = bn_net(), images(240)
+    data = interp.data.SubsetImages(interp.data.TensorImages(x), list(range(239, -1, -2)))
+    a = mine_local(model, data, ["conv1", "conv4"], k=4, batch_size=16, receptive_fields=False, fast=True,
+                   num_workers=1)
+    b = mine_local(model, data, ["conv1", "conv4"], k=4, batch_size=16, receptive_fields=False, fast=False)
+    assert compare(a, b) == 0
+    assert all(e.index % 2 == 1 for ents in a.entries.values() for row in ents.values() for e in row)
