@@ -25,6 +25,7 @@ from adapters.mobilenet import MobileNetV1
 from adapters.resnet18 import TORCHVISION_NAMES, ResNet18
 from adapters.vgg16 import VGG16
 
+from _bn import randomise_bn
 from _convs import called_convs
 
 from conftest import REPO  # noqa: E402
@@ -468,15 +469,7 @@ def test_resnet_equals_torchvision_resnet18_with_the_same_weights():
     import torchvision
 
     torch.manual_seed(0)
-    ours = ResNet18().eval()
-    # Non-trivial BN statistics, so a wrongly wired BN would show.
-    with torch.no_grad():
-        for m in ours.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
+    ours = randomise_bn(ResNet18().eval())  # non-trivial BN statistics, so a wrongly wired BN would show
     ref = torchvision.models.resnet18(num_classes=10).eval()
     state = {}
     for key, value in ours.state_dict().items():
