@@ -90,12 +90,11 @@ class Screen:
 
     def __init__(self, module, names: list[str], channels: dict[str, list[int]],
                  spans: dict[str, tuple[int, int]], affine: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                 signed: dict[str, bool], order: list[str] | None = None) -> None:
+                 signed: dict[str, bool], order: list[str], narrowed: list[str]) -> None:
         self.module, self.names, self.channels = module, names, channels
         self.spans, self.affine, self.signed = spans, affine, signed
-        # The layers in the order the forward computes them (the traced graph's).
-        self.order = list(order) if order is not None else list(names)
-        self.narrowed: list[str] = []  # layers that compute only the channels mined (see _narrow)
+        self.order = order  # the layers in the order the forward computes them (the traced graph's)
+        self.narrowed = narrowed  # layers that compute only the channels mined (see _narrow)
 
     def run(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Approximate per-image maxima of the (pre-fold) layer outputs: ``{name: (B, nc) float32}``."""
@@ -162,10 +161,7 @@ def build_screen(model: nn.Module, names: list[str], channels: dict[str, list[in
     at = {node: i for i, node in enumerate(graph.nodes)}
     order = sorted(names, key=lambda n: at[calls[n][0]])
     affine = _fold_all(graph, modules, calls, names)
-    screen = _finish(gm, names, channels, affine, modules, calls, example)
-    if screen is not None:
-        screen.order = order
-    return screen
+    return _finish(gm, names, channels, affine, modules, calls, example, order)
 
 
 def _fold_all(graph: fx.Graph, modules: dict, calls: dict, names: list[str]) -> dict:
@@ -191,7 +187,7 @@ def _fold_all(graph: fx.Graph, modules: dict, calls: dict, names: list[str]) -> 
 
 
 def _finish(gm: fx.GraphModule, names: list[str], channels: dict, affine: dict, modules: dict, calls: dict,
-            example: torch.Tensor) -> Screen | None:
+            example: torch.Tensor, order: list[str]) -> Screen | None:
     """End the graph in the maxima of the requested layers, cut the rest, freeze it in bf16."""
     graph = gm.graph
     outs, spans, chans, signed = [], {}, {}, {}
@@ -231,9 +227,7 @@ def _finish(gm: fx.GraphModule, names: list[str], channels: dict, affine: dict, 
     widths = [hi - lo for n in names for lo, hi in [spans[n]] * (2 if signed[n] else 1)]
     if [int(t.shape[1]) for t in got] != widths or any(t.ndim != 2 for t in got):
         return None  # a channel past the layer's last, or not a feature map: the plain pass says so
-    screen = Screen(frozen, names, chans, spans, affine, signed)
-    screen.narrowed = narrowed
-    return screen
+    return Screen(frozen, names, chans, spans, affine, signed, order, narrowed)
 
 
 def _narrow(gm: fx.GraphModule, calls: list[fx.Node], span: tuple[int, int]) -> bool:
